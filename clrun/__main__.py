@@ -1,0 +1,3 @@
+from clrun.cli import main
+
+main()

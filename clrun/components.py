@@ -1,0 +1,88 @@
+"""The component protocol: what a strategy is made of, and when the runner calls it.
+
+A strategy is an ordered set of components (``strategy.components`` in the YAML). A component is
+any object with some of these methods; the runner finds them by name and calls them, in the order
+the strategy lists the components, at fixed points of the loop in ``clrun/run.py``:
+
+==================================  ======================================  ======================
+hook                                called                                  returns / may change
+==================================  ======================================  ======================
+``train_data(state, exp)``          before an experience                    the Experience to train
+                                                                            on (default: ``exp``)
+``pre_update(state, exp)``          before training on an experience        its own state; may reset
+                                                                            the model's weights
+``replay(state, batch)``            each step, before the forward pass      the raw batch to train on
+``penalty(state, batch, x, out)``   each step, after the forward pass       a loss term (or None)
+``after_backward(state)``           between backward and optimiser step     the gradients in place
+``after_step(state, batch, x, out)`` after the optimiser step               its own state
+``post_update(state, exp)``         after training on an experience         its own state
+``predict(state, x, t)``            at evaluation, if present               logits to score
+==================================  ======================================  ======================
+
+``batch`` is an :class:`~clrun.benchmarks.Experience` of raw samples (``x`` in its compact
+dtype); ``x`` is the prepared model input and ``out`` the logits. Components never replace the
+loop, the data order or the optimiser. The model itself grows (new heads or units) in the runner
+right after ``pre_update``; the optimiser is then rebuilt.
+
+A component with state implements ``state_dict()`` / ``load_state_dict(state)`` holding tensors
+and plain Python values only, so that checkpoints load with ``torch.load(weights_only=True)``.
+If a component's constructor takes a ``buffer`` (or ``seed``) argument the YAML does not set,
+the runner passes the run's buffer (or seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clrun.benchmarks import Benchmark
+
+HOOKS = (
+    "train_data",
+    "pre_update",
+    "replay",
+    "penalty",
+    "after_backward",
+    "after_step",
+    "post_update",
+    "predict",
+)
+
+
+@dataclass
+class RunState:
+    """What components may read (and, for the model, reset) during a run."""
+
+    model: nn.Module
+    benchmark: Benchmark
+    device: torch.device
+    batch_size: int
+    optimizer: torch.optim.Optimizer | None = None
+    experience: int = 0  # index of the experience being trained on
+    step: int = 0  # optimiser steps taken so far in the whole run
+    extras: dict = field(default_factory=dict)
+
+
+class Components:
+    """An ordered, named set of components with their hooks collected once (a component
+    without a hook costs nothing in the loop)."""
+
+    def __init__(self, components: dict[str, object]):
+        self.items = dict(components)
+        self.hooks = {
+            h: [getattr(c, h) for c in self.items.values() if callable(getattr(c, h, None))]
+            for h in HOOKS
+        }
+
+    def __getitem__(self, hook: str) -> list:
+        return self.hooks[hook]
+
+    def state_dict(self) -> dict:
+        return {n: c.state_dict() for n, c in self.items.items() if hasattr(c, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, c in self.items.items():
+            if hasattr(c, "load_state_dict"):
+                c.load_state_dict(state[name])

@@ -1,0 +1,155 @@
+"""Config checks and the one place that builds objects from config.
+
+``validate(cfg)`` runs before anything is built: every generic key (sizes, rates, choices) is
+checked against a rule, and every ``_target_`` node against its target's signature, so a typo or
+an out-of-range value fails in a second with one line naming the key, the value and what is
+allowed. ``build(node, key, **run_objects)`` instantiates a node and turns a constructor's
+``ValueError`` into the same kind of message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from clrun.benchmarks import SCENARIOS
+from clrun.models import HEADS
+
+RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# Keys the runner reads itself: never passed to a target's constructor.
+RUNNER_KEYS = {"optimizer": {"reset_each_experience"}}
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration. The message names the key, the value and what is
+    allowed; the CLI prints it without a traceback."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an integer ≥ {lo}"
+
+
+# key → (check, what is allowed). Applied when the key exists in the composed config.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _int_at_least(0),
+    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer ≥ 1"),
+    "device": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "benchmark.scenario": (lambda v: v in SCENARIOS, " | ".join(SCENARIOS)),
+    "benchmark.n_experiences": _int_at_least(1),
+    "benchmark.seed": _int_at_least(0),
+    "benchmark.class_order": (
+        lambda v: v is None or (isinstance(v, list | ListConfig) and all(_is_int(c) for c in v)),
+        "null or a list of integer class labels",
+    ),
+    "model.head": (lambda v: v in HEADS, " | ".join(HEADS)),
+    "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.hidden_sizes": (
+        lambda v: isinstance(v, list | ListConfig) and all(_is_int(h) and h >= 1 for h in v),
+        "a list of integers ≥ 1",
+    ),
+    "strategy.epochs": _int_at_least(1),
+    "strategy.iterations": (
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "null or an integer ≥ 1",
+    ),
+    "strategy.batch_size": _int_at_least(1),
+    "strategy.eval_batch_size": _int_at_least(1),
+    "optimizer.lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number ≥ 0"),
+    "optimizer.reset_each_experience": (lambda v: isinstance(v, bool), "true or false"),
+    "buffer.max_size": _int_at_least(1),
+}
+
+_MISSING = object()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first key that breaks a rule or does not fit its target."""
+    for key, (check, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not check(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+    for group in ("benchmark", "model", "optimizer", "buffer"):
+        if cfg.get(group) is not None:
+            check_signature(cfg[group], group)
+    for name, node in (cfg.strategy.get("components") or {}).items():
+        if node is not None:
+            check_signature(node, f"strategy.components.{name}")
+
+
+def check_signature(node: DictConfig, key: str) -> Callable:
+    """The node's keys must be parameters of its ``_target_``."""
+    if "_target_" not in node:
+        raise ConfigError(f"{key} has no _target_: name the class or function that builds it")
+    try:
+        target = get_object(node._target_)
+    except Exception as e:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {e}") from None
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return target
+    own = RUNNER_KEYS.get(key, set())
+    for k in node:
+        if k in RESERVED or k in own or k in params:
+            continue
+        allowed = sorted(set(params) - {"self", "buffer", "seed", "input_shape", "n_classes"})
+        close = difflib.get_close_matches(str(k), allowed, n=1)
+        hint = f" (did you mean {key}.{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{key}.{k}={node[k]!r} is not a parameter of {node._target_}{hint}; "
+            f"allowed keys: {', '.join(allowed)}"
+        )
+    return target
+
+
+def build(node: DictConfig, key: str, **run_objects: Any) -> Any:
+    """Instantiate ``node``. Run-level objects (the buffer, the seed, the input shape, ...) are
+    passed to the target when its signature takes them and the config does not set them.
+    A ValueError/TypeError from the constructor becomes a ConfigError naming ``key``."""
+    target = check_signature(node, key)
+    params = inspect.signature(target).parameters
+    extra = {k: v for k, v in run_objects.items() if k in params and k not in node}
+    drop = RUNNER_KEYS.get(key, set()) & set(node)
+    if drop:
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in drop])
+    try:
+        return instantiate(node, **extra, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if not isinstance(cause, ValueError | TypeError):
+            raise
+        raise ConfigError(f"{key}: {cause}{_interpolation_hint(node, str(cause))}") from None
+
+
+def _interpolation_hint(node: DictConfig, message: str) -> str:
+    """Point at the key the user set, e.g. strategy.alpha for components.lwf.alpha=${...}."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    for k, v in raw.items():
+        if isinstance(v, str) and v.startswith("${") and re.search(rf"\b{re.escape(k)}\b", message):
+            return f" (set by {v[2:-1]})"
+    return ""

@@ -1,0 +1,107 @@
+"""Continual-learning metrics over the accuracy matrix, and the recorder that writes them.
+
+R[i][j] is the accuracy on test experience j after training on experiences 0..i; b[j] is the
+accuracy of the untrained model on experience j. With T experiences:
+
+- final average accuracy  = mean_j R[T-1][j]
+- average incremental acc = mean_i ( mean_{j<=i} R[i][j] )          (Rebuffi et al. 2017)
+- forgetting              = mean_{j<T-1} ( max_{i<T-1} R[i][j] - R[T-1][j] )   (Chaudhry et al. 2018)
+- BWT                     = mean_{j<T-1} ( R[T-1][j] - R[j][j] )     (Lopez-Paz & Ranzato 2017)
+- FWT                     = mean_{j>0} ( R[j-1][j] - b[j] )          (Lopez-Paz & Ranzato 2017)
+
+Forgetting, BWT and FWT are None for a single experience. All accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from clrun.io import write_atomic
+
+
+def final_avg_acc(R: np.ndarray) -> float:
+    return float(R[-1].mean())
+
+
+def avg_incremental_acc(R: np.ndarray) -> float:
+    return float(np.mean([R[i, : i + 1].mean() for i in range(len(R))]))
+
+
+def forgetting(R: np.ndarray) -> float | None:
+    T = len(R)
+    if T < 2:
+        return None
+    return float(np.mean([R[: T - 1, j].max() - R[T - 1, j] for j in range(T - 1)]))
+
+
+def bwt(R: np.ndarray) -> float | None:
+    T = len(R)
+    if T < 2:
+        return None
+    return float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
+
+
+def fwt(R: np.ndarray, b: np.ndarray) -> float | None:
+    T = len(R)
+    if T < 2:
+        return None
+    return float(np.mean([R[j - 1, j] - b[j] for j in range(1, T)]))
+
+
+def summarize(R: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    return {
+        "final_avg_acc": final_avg_acc(R),
+        "avg_incremental_acc": avg_incremental_acc(R),
+        "forgetting": forgetting(R),
+        "bwt": bwt(R),
+        "fwt": fwt(R, b),
+    }
+
+
+class Recorder:
+    """Collects evaluation rows and timings; writes metrics.jsonl and acc_matrix.csv as it goes
+    (each rewrite is atomic, so a crash never leaves half a file)."""
+
+    def __init__(self, run_dir: Path, n_experiences: int):
+        self.run_dir = Path(run_dir)
+        self.T = n_experiences
+        self.initial: list[dict] = []  # evaluation of the untrained model (FWT baseline)
+        self.rows: list[list[dict]] = []  # rows[i][j]: after training through experience i
+        self.timings: list[dict] = []  # per experience: train/eval seconds, steps, samples
+
+    def record(self, trained_through: int, results: list[dict]) -> None:
+        results = [
+            {"trained_through": trained_through, "eval_exp": j, **r} for j, r in enumerate(results)
+        ]
+        if trained_through < 0:
+            self.initial = results
+        else:
+            self.rows.append(results)
+        self.flush()
+
+    @property
+    def acc_matrix(self) -> np.ndarray:
+        return np.array([[r["acc"] for r in row] for row in self.rows], dtype=float).reshape(
+            -1, self.T
+        )
+
+    @property
+    def baseline(self) -> np.ndarray:
+        return np.array([r["acc"] for r in self.initial], dtype=float)
+
+    def flush(self) -> None:
+        lines = [json.dumps(r) for row in [self.initial, *self.rows] for r in row]
+        write_atomic(self.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+        if self.rows:
+            header = ",".join(f"exp{j}" for j in range(self.T))
+            body = "\n".join(",".join(f"{a:.6f}" for a in row) for row in self.acc_matrix)
+            write_atomic(self.run_dir / "acc_matrix.csv", header + "\n" + body + "\n")
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial, "rows": self.rows, "timings": self.timings}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]

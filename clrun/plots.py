@@ -1,0 +1,60 @@
+"""Plots of a run: the accuracy matrix as a heatmap and accuracy per experience over time."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from clrun.io import write_atomic
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+
+
+def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, T = R.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.6 * n_rows))
+    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for i in range(n_rows):
+        for j in range(T):
+            ax.text(
+                j,
+                i,
+                f"{R[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if R[i, j] < 0.6 else "black",
+            )
+    ax.set_xlabel("evaluated on experience j")
+    ax.set_ylabel("trained through experience i")
+    ax.set_xticks(range(T))
+    ax.set_yticks(range(n_rows))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    _save(fig, run_dir / "acc_matrix.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = np.arange(n_rows)
+    for j in range(T):
+        ax.plot(steps[j:], R[j:, j], marker="o", label=f"exp {j}")
+    ax.plot(steps, [R[i, : i + 1].mean() for i in range(n_rows)], "k--", lw=2, label="avg seen")
+    ax.set_xlabel("trained through experience")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(steps)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, run_dir / "acc_curve.png")
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017) and its online variant
+(Schwarz et al., ICML 2018, "Progress & Compress").
+
+``post_update``: the diagonal Fisher information of the experience's training data is computed
+from per-sample gradients of the log-likelihood (``fisher=empirical``: true labels, as most CL
+code does; ``fisher=sampled``: labels drawn from the model's predictive distribution, the Fisher
+of the paper), over ``fisher_samples`` samples (null = all), with the model in eval mode; the
+parameters are snapshotted. ``penalty``: ``ewc_lambda``/2 · Σ F (θ − θ*)².
+
+``mode=separate`` keeps one (F, θ*) pair per experience (memory grows with the stream, by
+definition); ``mode=online`` keeps one: F ← ``decay_factor``·F + F_new, θ* ← θ. Parameters that
+grew since a snapshot (incremental heads) are penalised on their old part only; new heads not at
+all. Works in every scenario. State: the Fisher matrices and snapshots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from clrun.benchmarks import Experience
+from clrun.components import RunState
+
+MODES = ("separate", "online")
+FISHERS = ("empirical", "sampled")
+
+
+class EWC:
+    def __init__(
+        self,
+        ewc_lambda: float = 5000.0,
+        mode: str = "separate",
+        decay_factor: float = 1.0,
+        fisher: str = "empirical",
+        fisher_samples: int | None = None,
+        fisher_batch_size: int = 64,
+        seed: int = 0,
+    ):
+        if (
+            not isinstance(ewc_lambda, int | float)
+            or not math.isfinite(ewc_lambda)
+            or ewc_lambda < 0
+        ):
+            raise ValueError(f"EWC ewc_lambda={ewc_lambda!r} must be a finite number ≥ 0")
+        if mode not in MODES:
+            raise ValueError(f"EWC mode={mode!r} is not one of {', '.join(MODES)}")
+        if not isinstance(decay_factor, int | float) or not 0 <= decay_factor <= 1:
+            raise ValueError(f"EWC decay_factor={decay_factor!r} must be in [0, 1]")
+        if fisher not in FISHERS:
+            raise ValueError(f"EWC fisher={fisher!r} is not one of {', '.join(FISHERS)}")
+        if fisher_samples is not None and int(fisher_samples) < 1:
+            raise ValueError(f"EWC fisher_samples={fisher_samples!r} must be null or ≥ 1")
+        self.ewc_lambda, self.mode, self.decay_factor = float(ewc_lambda), mode, float(decay_factor)
+        self.fisher, self.fisher_samples = fisher, fisher_samples
+        self.fisher_batch_size = int(fisher_batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.terms: list[dict[str, dict[str, Tensor]]] = []  # [{"fisher": {...}, "params": {...}}]
+
+    def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
+        if not self.terms or self.ewc_lambda == 0:
+            return None
+        params = dict(state.model.named_parameters())
+        total = out.new_zeros(())
+        for term in self.terms:
+            for name, fisher in term["fisher"].items():
+                p = params.get(name)
+                if p is None:
+                    continue
+                old = term["params"][name]
+                p = p[tuple(slice(0, s) for s in old.shape)] if p.shape != old.shape else p
+                total = total + (fisher * (p - old).pow(2)).sum()
+        return 0.5 * self.ewc_lambda * total
+
+    def post_update(self, state: RunState, exp: Experience) -> None:
+        fisher = self._fisher(state, exp)
+        params = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        if self.mode == "online" and self.terms:
+            prev = self.terms[0]["fisher"]
+            for name, f in fisher.items():
+                old = prev.get(name)
+                if old is not None:
+                    f[tuple(slice(0, s) for s in old.shape)] += self.decay_factor * old
+            self.terms = []
+        self.terms.append({"fisher": fisher, "params": params})
+
+    def _fisher(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
+        model = state.model
+        was_training = model.training
+        model.eval()
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        buffers = dict(model.named_buffers())
+
+        def nll(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
+            out = functional_call(model, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
+            return F.cross_entropy(out, y.unsqueeze(0))
+
+        per_sample_grads = vmap(grad(nll), in_dims=(None, 0, 0, 0))
+        n = len(exp) if self.fisher_samples is None else min(len(exp), int(self.fisher_samples))
+        order = torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
+        fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+        for start in range(0, n, self.fisher_batch_size):
+            b = exp.subset(order[start : start + self.fisher_batch_size])
+            x = state.benchmark.prepare(b.x, b.e)
+            y = b.y
+            if self.fisher == "sampled":
+                with torch.no_grad():
+                    probs = F.softmax(model(x, b.t), dim=-1).cpu()
+                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(y.device)
+            for k, g in per_sample_grads(params, x, y, b.t).items():
+                fisher[k] += g.pow(2).sum(0)
+        model.train(was_training)
+        return {k: f / max(n, 1) for k, f in fisher.items()}
+
+    def state_dict(self) -> dict:
+        return {"terms": self.terms, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.terms = state["terms"]
+        self.generator.set_state(state["generator"])
