@@ -20,6 +20,7 @@ runner then rebuilds the optimiser so that new parameters are trained.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,9 @@ class _Units(nn.Module):
     def __init__(self, in_features: int):
         super().__init__()
         self.in_features = in_features
-        self.linear = nn.Linear(in_features, 0)
+        with warnings.catch_warnings():  # an empty head: nothing to initialise yet
+            warnings.simplefilter("ignore", UserWarning)
+            self.linear = nn.Linear(in_features, 0)
         self.register_buffer("classes", torch.zeros(0, dtype=torch.long))
 
     def grow(self, classes: Sequence[int]) -> bool:

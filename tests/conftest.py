@@ -1,0 +1,47 @@
+"""Shared helpers: compose configs with Hydra's compose API and run them in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from clrun.cli import config_dir
+
+CONF = config_dir()
+GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    return compose_with_choices(*overrides)[0]
+
+
+def compose_with_choices(*overrides: str) -> tuple[DictConfig, dict[str, str]]:
+    """The composed config (without Hydra's own node) and the chosen option of each group."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS[:5]}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+@pytest.fixture
+def run_debug(tmp_path: Path):
+    """run_debug(*overrides) → (summary, run_dir) of a debug run in a fresh directory."""
+    from clrun.run import run
+
+    counter = iter(range(1000))
+
+    def _run(*overrides: str, run_dir: Path | None = None):
+        run_dir = run_dir or tmp_path / f"run{next(counter)}"
+        cfg, choices = compose_with_choices("debug=default", *overrides)
+        return run(cfg, run_dir, choices), run_dir
+
+    return _run
