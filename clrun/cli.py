@@ -8,7 +8,6 @@ the run directory still gets a ``summary.json`` saying ``failed`` and why.
 from __future__ import annotations
 
 import difflib
-import logging
 import sys
 from pathlib import Path
 
@@ -17,9 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from clrun.config import ConfigError
-
-log = logging.getLogger("clrun")
 GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer")
 EXIT_CONFIG_ERROR = 2
 
@@ -33,6 +29,7 @@ def config_dir() -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    from clrun.config import ConfigError
     from clrun.run import run
 
     hc = HydraConfig.get()
@@ -40,7 +37,6 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, hc.runtime.output_dir, choices)
     except ConfigError as e:
-        log.error("%s", e)
         print(f"clrun: error: {e}", file=sys.stderr)
         if hc.mode == RunMode.RUN:
             sys.exit(EXIT_CONFIG_ERROR)

@@ -143,7 +143,8 @@ def build(node: DictConfig, key: str, **run_objects: Any) -> Any:
         cause = e.__cause__ or e
         if not isinstance(cause, ValueError | TypeError):
             raise
-        raise ConfigError(f"{key}: {cause}{_interpolation_hint(node, str(cause))}") from None
+        message = str(cause) if str(cause).startswith(key) else f"{key}: {cause}"
+        raise ConfigError(message + _interpolation_hint(node, str(cause))) from None
 
 
 def _interpolation_hint(node: DictConfig, message: str) -> str:

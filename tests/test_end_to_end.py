@@ -112,3 +112,19 @@ def test_failed_run_writes_failed_summary(run_debug, tmp_path):
         run_debug("strategy=replay", "buffer=none", run_dir=tmp_path / "bad")
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert summary["status"] == "failed" and "buffer" in summary["error"]
+
+
+@pytest.mark.slow
+def test_real_split_mnist_class_incremental_picture(tmp_path):
+    """Naive fine-tuning forgets everything but the last experience; replay keeps most."""
+    from clrun.run import run
+    from conftest import compose_with_choices
+
+    results = {}
+    for strategy in ("naive", "replay"):
+        cfg, choices = compose_with_choices(
+            f"strategy={strategy}", "buffer=class_balanced", "buffer.max_size=1000"
+        )
+        results[strategy] = run(cfg, tmp_path / strategy, choices)["final_avg_acc"]
+    assert 0.17 < results["naive"] < 0.23, results
+    assert results["replay"] > 0.8, results

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install clrun (editable, with the test tools) into the current Python environment.
+# Keeps a torch that is already installed; otherwise installs torch 2.13.0 (on a machine with
+# the local CPU wheel, that one: no CUDA packages are pulled in).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.13.0" numpy
+fi
+"$PY" -m pip install -q -e ".[dev]"
