@@ -99,8 +99,9 @@ class Benchmark:
             self.transform = self.transform.to(device)
         return self
 
-    def prepare(self, x: Tensor, e: Tensor) -> Tensor:
-        """Raw gathered batch → normalised float model input, on x's device."""
+    def prepare(self, x: Tensor, e: Tensor, train: bool = False) -> Tensor:
+        """Raw gathered batch → normalised float model input, on x's device. ``train=True``
+        (the training step) also applies the benchmark's augmentation, if it has one."""
         x = x.float()
         if self.transform is not None:
             x = self.transform(x, e)

@@ -12,6 +12,9 @@ hook                                called                                  retu
 ``pre_update(state, exp)``          before training on an experience        its own state; may reset
                                                                             the model's weights
 ``replay(state, batch)``            each step, before the forward pass      the raw batch to train on
+``loss(state, batch, x, out)``      each step, after the forward pass       the classification loss
+                                                                            (default: cross-entropy;
+                                                                            the last one listed wins)
 ``penalty(state, batch, x, out)``   each step, after the forward pass       a loss term (or None)
 ``after_backward(state)``           between backward and optimiser step     the gradients in place
 ``after_step(state, batch, x, out)`` after the optimiser step               its own state
@@ -22,7 +25,9 @@ hook                                called                                  retu
 ``batch`` is an :class:`~clrun.benchmarks.Experience` of raw samples (``x`` in its compact
 dtype); ``x`` is the prepared model input and ``out`` the logits. Components never replace the
 loop, the data order or the optimiser. The model itself grows (new heads or units) in the runner
-right after ``pre_update``; the optimiser is then rebuilt.
+right after ``pre_update``; the optimiser is then rebuilt, keeping the state of parameters that
+survived. A ``pre_update`` that resets the model sets ``state.reset_optimizer = True`` to get a
+fresh optimiser as well.
 
 A component with state implements ``state_dict()`` / ``load_state_dict(state)`` holding tensors
 and plain Python values only, so that checkpoints load with ``torch.load(weights_only=True)``.
@@ -43,6 +48,7 @@ HOOKS = (
     "train_data",
     "pre_update",
     "replay",
+    "loss",
     "penalty",
     "after_backward",
     "after_step",
@@ -62,6 +68,7 @@ class RunState:
     optimizer: torch.optim.Optimizer | None = None
     experience: int = 0  # index of the experience being trained on
     step: int = 0  # optimiser steps taken so far in the whole run
+    reset_optimizer: bool = False  # set in pre_update to get a fresh optimiser (then cleared)
     extras: dict = field(default_factory=dict)
 
 

@@ -93,13 +93,10 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 data = hook(state, data)
             for hook in components["pre_update"]:
                 hook(state, exp)
-            if adapt_model(model, data) or cfg.optimizer.get("reset_each_experience", False):
-                state.optimizer = _rebuild(
-                    make_optimizer,
-                    model,
-                    state.optimizer,
-                    keep_state=not cfg.optimizer.get("reset_each_experience", False),
-                )
+            reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
+            if adapt_model(model, data) or reset:
+                state.optimizer = _rebuild(make_optimizer, model, state.optimizer, keep_state=not reset)
+            state.reset_optimizer = False
 
             t0 = time.perf_counter()
             steps, samples = train_experience(state, data, components, gen, s, progress)
@@ -174,6 +171,7 @@ def train_experience(
     if n == 0:
         return 0, 0
     total = s.iterations or s.epochs * math.ceil(n / bs)
+    loss_fn = components["loss"][-1] if components["loss"] else _cross_entropy
     model.train()
     loss_sum = torch.zeros((), device=device)
     step = samples = 0
@@ -186,9 +184,9 @@ def train_experience(
             batch = data.subset(order[i : i + bs])
             for hook in components["replay"]:
                 batch = hook(state, batch)
-            x = state.benchmark.prepare(batch.x, batch.e)
+            x = state.benchmark.prepare(batch.x, batch.e, train=True)
             out = model(x, batch.t)
-            loss = F.cross_entropy(out, batch.y)
+            loss = loss_fn(state, batch, x, out)
             for hook in components["penalty"]:
                 term = hook(state, batch, x, out)
                 if term is not None:
@@ -236,6 +234,10 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
         {"acc": c / len(exp), "loss": lo / len(exp), "n": len(exp)}
         for (c, lo), exp in zip(values, state.benchmark.test_stream, strict=True)
     ]
+
+
+def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):
+    return F.cross_entropy(out, batch.y)
 
 
 def _rebuild(
