@@ -117,8 +117,9 @@ def test_failed_run_writes_failed_summary(run_debug, tmp_path):
 @pytest.mark.slow
 def test_real_split_mnist_class_incremental_picture(tmp_path):
     """Naive fine-tuning forgets everything but the last experience; replay keeps most."""
-    from clrun.run import run
     from conftest import compose_with_choices
+
+    from clrun.run import run
 
     results = {}
     for strategy in ("naive", "replay"):
