@@ -3,19 +3,30 @@
 The file holds tensors and plain Python values only and is read with
 ``torch.load(weights_only=True)``: loading a checkpoint never executes code. A SHA-256 of the
 file is kept beside it; a checkpoint whose digest does not match is refused, never used.
+
+``resume`` (top-level key): ``auto`` continues from this run directory's checkpoint if there is
+one (so a requeued or re-launched job picks up where it stopped), ``true`` requires one,
+``false`` starts afresh, and a path continues from another run directory's checkpoint (copied
+here first). A config that differs from the checkpoint's in anything but the run-management
+keys is refused with the differences listed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from clrun.config import ConfigError
 from clrun.io import write_atomic
 
 FILE = "checkpoint/state.pt"
+# Keys that may differ between a run and its resumption.
+RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -45,3 +56,46 @@ def load(run_dir: Path, device: torch.device) -> dict | None:
             "Delete the checkpoint folder to start the run afresh."
         )
     return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def load_for_resume(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict | None:
+    """The checkpoint to resume from according to ``cfg.resume``, checked against ``cfg``."""
+    resume = cfg.get("resume", "auto")
+    if resume is False:
+        return None
+    if resume not in (True, "auto"):
+        source = Path(str(resume)) / FILE
+        if not source.exists():
+            raise ConfigError(f"resume={resume!r}: no checkpoint at {source}")
+        if source.resolve() != (Path(run_dir) / FILE).resolve():
+            (Path(run_dir) / FILE).parent.mkdir(parents=True, exist_ok=True)
+            for f in (source, source.with_suffix(".sha256")):
+                shutil.copy2(f, Path(run_dir) / "checkpoint" / f.name)
+    saved = load(run_dir, device)
+    if saved is None and resume is True:
+        raise ConfigError(f"resume=true but {Path(run_dir) / FILE} does not exist")
+    if saved is not None:
+        check_same_config(saved["config"], cfg)
+    return saved
+
+
+def check_same_config(saved: dict, cfg: DictConfig) -> None:
+    flat_saved, flat_now = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    diff = [
+        f"{k}: checkpoint {flat_saved.get(k)!r}, now {flat_now.get(k)!r}"
+        for k in sorted(set(flat_saved) | set(flat_now))
+        if flat_saved.get(k) != flat_now.get(k) and k.split(".")[0] not in RUN_MANAGEMENT_KEYS
+    ]
+    if diff:
+        raise ConfigError(
+            "cannot resume: the config differs from the checkpoint's in " + "; ".join(diff)
+            + " (use resume=false to start afresh)"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer")
 EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 3
 
 
 def config_dir() -> Path:
@@ -30,6 +31,7 @@ def config_dir() -> Path:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     from clrun.config import ConfigError
+    from clrun.preemption import RunInterrupted
     from clrun.run import run
 
     hc = HydraConfig.get()
@@ -41,6 +43,9 @@ def _main(cfg: DictConfig) -> float | None:
         if hc.mode == RunMode.RUN:
             sys.exit(EXIT_CONFIG_ERROR)
         raise
+    except RunInterrupted as e:
+        print(f"clrun: {e}; checkpoint saved, continue with the same command", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     return summary["final_avg_acc"]
 
 

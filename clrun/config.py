@@ -53,7 +53,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
         "auto, cpu, cuda, cuda:N or mps",
     ),
-    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "resume": (
+        lambda v: v in (True, False, "auto") or (isinstance(v, str) and v != ""),
+        "auto, true, false or the path of a run directory",
+    ),
+    "checkpoint.every_n_steps": (
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer ≥ 1"
+    ),
     "benchmark.scenario": (lambda v: v in SCENARIOS, " | ".join(SCENARIOS)),
     "benchmark.n_experiences": _int_at_least(1),
     "benchmark.seed": _int_at_least(0),
@@ -100,6 +106,18 @@ def validate(cfg: DictConfig) -> None:
     for name, node in (cfg.strategy.get("components") or {}).items():
         if node is not None:
             check_signature(node, f"strategy.components.{name}")
+
+
+def resolve_device(name: str):
+    """``auto`` → cuda if available, else cpu; a named device must exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} is not available on this machine: use auto or cpu")
+    return device
 
 
 def check_signature(node: DictConfig, key: str) -> Callable:

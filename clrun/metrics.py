@@ -15,6 +15,9 @@ Forgetting, BWT and FWT are None for a single experience. All accuracies are fra
 from __future__ import annotations
 
 import json
+import platform
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +108,33 @@ class Recorder:
 
     def load_state_dict(self, state: dict) -> None:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
+
+
+def run_summary(recorder: Recorder, t_start: float, device=None) -> dict:
+    """The metrics and costs of a run so far, for summary.json."""
+    import torch
+
+    import clrun
+
+    R, timings = recorder.acc_matrix, recorder.timings
+    train_s = sum(t["train_s"] for t in timings)
+    out = {
+        **summarize(R, recorder.baseline),
+        "experiences_done": len(R),
+        "steps": sum(t["steps"] for t in timings),
+        "wall_time_s": time.perf_counter() - t_start,
+        "train_time_s": train_s,
+        "eval_time_s": sum(t["eval_s"] for t in timings),
+        "samples_per_s": sum(t["samples"] for t in timings) / train_s if train_s else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": {
+            "clrun": clrun.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if device is not None:
+        out["device"] = str(device)
+        if device.type == "cuda":
+            out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

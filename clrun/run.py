@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
-import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,29 +19,27 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import clrun
 from clrun import checkpoint
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState
-from clrun.config import ConfigError, build, validate
+from clrun.config import ConfigError, build, resolve_device, validate
 from clrun.io import write_json
-from clrun.metrics import Recorder, summarize
+from clrun.metrics import Recorder, run_summary
 from clrun.models import adapt_model
+from clrun.preemption import RunInterrupted, StopSignal
 
 log = logging.getLogger("clrun")
-# Keys that may differ between a run and its resumption.
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir")
 
 
 def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = None) -> dict:
-    """Run one experiment into ``run_dir``; return its summary. A failure is written to
-    ``summary.json`` with ``status: failed`` before the exception propagates."""
+    """Run one experiment into ``run_dir``; return its summary. A failure or an interruption is
+    written to ``summary.json`` (``status: failed`` / ``interrupted``) before it propagates."""
     run_dir, t_start = Path(run_dir), time.perf_counter()
     summary: dict = {"status": "running", **(choices or {}), "seed": cfg.get("seed")}
-    recorder = None
+    recorder, stop = None, None
     try:
         validate(cfg)
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -52,13 +49,10 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
         model = build(cfg.model, "model", **shape).to(device)
         buffer = build(cfg.buffer, "buffer", seed=cfg.seed) if cfg.get("buffer") else None
-        components = Components(
-            {
-                name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
-                for name, node in (cfg.strategy.get("components") or {}).items()
-                if node is not None
-            }
-        )
+        components = Components({
+            name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
+            for name, node in (cfg.strategy.get("components") or {}).items() if node is not None
+        })  # fmt: skip
         if not any(getattr(c, "buffer", None) is buffer for c in components.items.values()):
             summary["buffer"] = None  # configured but used by no component
         make_optimizer = build(cfg.optimizer, "optimizer")
@@ -66,11 +60,21 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         state = RunState(model, benchmark, device, batch_size=s.batch_size)
         state.optimizer = make_optimizer(model.parameters())
         recorder = Recorder(run_dir, len(benchmark.train_stream))
+        every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
 
-        start = 0
-        saved = checkpoint.load(run_dir, device) if cfg.get("resume") else None
+        def save(next_experience: int, position: dict | None = None) -> None:
+            checkpoint.save(run_dir, {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "next_experience": next_experience, "position": position, "step": state.step,
+                "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "components": components.state_dict(), "recorder": recorder.state_dict(),
+                "buffer": buffer.state_dict() if buffer is not None else None,
+                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()},
+            })  # fmt: skip
+
+        start, position = 0, None
+        saved = checkpoint.load_for_resume(cfg, run_dir, device)
         if saved is not None:
-            _check_same_config(saved["config"], cfg)
             model.load_state_dict(saved["model"])
             state.optimizer = make_optimizer(model.parameters())
             state.optimizer.load_state_dict(saved["optimizer"])
@@ -80,105 +84,101 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             recorder.load_state_dict(saved["recorder"])
             torch.set_rng_state(saved["rng"]["torch"].cpu())
             gen.set_state(saved["rng"]["data"].cpu())
-            state.step, start = saved["step"], saved["next_experience"]
-            log.info("resumed from %s at experience %d", run_dir / checkpoint.FILE, start)
+            state.step, start, position = saved["step"], saved["next_experience"], saved["position"]
+            log.info(
+                "resumed from %s at experience %d, step %d", checkpoint.FILE, start, state.step
+            )
         else:
             recorder.record(-1, evaluate(state, components, s.eval_batch_size))
 
-        progress = sys.stderr.isatty()
+        stop = StopSignal()  # from here on, SIGTERM/SIGINT finish the step and checkpoint
+
+        def on_step(where: Callable[[], dict]) -> None:
+            if stop.requested or (every_n and state.step % every_n == 0):
+                save(state.experience, where())
+                if stop.requested:
+                    stop.hand_over()
+
         for exp in benchmark.train_stream[start:]:
             state.experience = exp.index
             data = exp
             for hook in components["train_data"]:
                 data = hook(state, data)
-            for hook in components["pre_update"]:
-                hook(state, exp)
-            reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
-            if adapt_model(model, data) or reset:
-                state.optimizer = _rebuild(make_optimizer, model, state.optimizer, keep_state=not reset)
-            state.reset_optimizer = False
+            if position is None:  # not resuming inside this experience
+                for hook in components["pre_update"]:
+                    hook(state, exp)
+                reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
+                if adapt_model(model, data) or reset:
+                    state.optimizer = _rebuild(make_optimizer, model, state.optimizer, not reset)
+                state.reset_optimizer = False
 
             t0 = time.perf_counter()
-            steps, samples = train_experience(state, data, components, gen, s, progress)
+            steps, samples, loss = train_experience(
+                state, data, components, gen, s, on_step, position
+            )
+            position = None
             for hook in components["post_update"]:
                 hook(state, exp)
             t1 = time.perf_counter()
             results = evaluate(state, components, s.eval_batch_size)
-            recorder.timings.append(
-                {
-                    "experience": exp.index,
-                    "steps": steps,
-                    "samples": samples,
-                    "train_s": t1 - t0,
-                    "eval_s": time.perf_counter() - t1,
-                }
-            )
+            recorder.timings.append({"experience": exp.index, "steps": steps, "samples": samples,
+                                     "train_loss": loss, "train_s": t1 - t0,
+                                     "eval_s": time.perf_counter() - t1})  # fmt: skip
             recorder.record(exp.index, results)
             seen = [r["acc"] for r in results[: exp.index + 1]]
-            log.info(
-                "experience %d/%d: %d steps in %.1fs, accuracy on seen experiences %.4f",
-                exp.index + 1,
-                len(benchmark.train_stream),
-                steps,
-                t1 - t0,
-                sum(seen) / len(seen),
-            )
-            checkpoint.save(
-                run_dir,
-                {
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                    "next_experience": exp.index + 1,
-                    "step": state.step,
-                    "model": model.state_dict(),
-                    "optimizer": state.optimizer.state_dict(),
-                    "components": components.state_dict(),
-                    "buffer": buffer.state_dict() if buffer is not None else None,
-                    "recorder": recorder.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()},
-                },
-            )
+            log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
+                     exp.index + 1, len(benchmark.train_stream), steps, t1 - t0, loss,
+                     sum(seen) / len(seen))  # fmt: skip
+            save(exp.index + 1)
+            if stop.requested:
+                stop.hand_over()
 
-        summary.update(status="completed", **_results(recorder, t_start, device))
+        summary.update(status="completed", **run_summary(recorder, t_start, device))
         write_json(run_dir / "summary.json", summary)
         from clrun.plots import plot_run
 
         plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
         return summary
     except BaseException as e:
+        stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
         summary.update(
-            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-            error=f"{type(e).__name__}: {e}",
+            status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
-        if not isinstance(e, ConfigError | KeyboardInterrupt):
+        if not isinstance(e, ConfigError) and not stopped:
             summary["traceback"] = traceback.format_exc()
         if recorder is not None and recorder.rows:
-            summary.update(_results(recorder, t_start, None))
+            summary.update(run_summary(recorder, t_start))
         write_json(run_dir / "summary.json", summary)
         raise
+    finally:
+        if stop is not None:
+            stop.restore()
 
 
-def train_experience(
-    state: RunState,
-    data: Experience,
-    components: Components,
-    gen: torch.Generator,
-    s: DictConfig,
-    progress: bool,
-) -> tuple[int, int]:
+def train_experience(state: RunState, data: Experience, components: Components,
+                     gen: torch.Generator, s: DictConfig, on_step: Callable,
+                     resume_at: dict | None = None) -> tuple[int, int, float]:  # fmt: skip
     """Train on one experience: ``s.epochs`` passes over ``data`` in seeded random order, or
-    exactly ``s.iterations`` minibatch steps if set. Returns (steps, samples seen)."""
+    exactly ``s.iterations`` minibatch steps if set. ``resume_at`` continues a checkpointed
+    position inside the experience. Returns (steps, samples seen, mean training loss)."""
     n, bs, model, device = len(data), s.batch_size, state.model, state.device
     if n == 0:
-        return 0, 0
+        return 0, 0, float("nan")
     total = s.iterations or s.epochs * math.ceil(n / bs)
     loss_fn = components["loss"][-1] if components["loss"] else _cross_entropy
+    losses = torch.zeros(total, device=device)  # read once, at the end: no per-step host sync
+    step, samples = (resume_at["step"], resume_at["samples"]) if resume_at else (0, 0)
+    if resume_at:
+        losses[:step] = resume_at["losses"]
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    step = samples = 0
-    bar = tqdm(total=total, desc=f"experience {data.index}", disable=not progress, leave=False)
+    bar = tqdm(total=total, initial=step, desc=f"experience {data.index}",
+               disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
     while step < total:
+        epoch_start = resume_at["gen_state"] if resume_at else gen.get_state()
+        gen.set_state(epoch_start)
         order = torch.randperm(n, generator=gen).to(device, non_blocking=True)
-        for i in range(0, n, bs):
+        first, resume_at = (resume_at["offset"] if resume_at else 0), None
+        for i in range(first, n, bs):
             if step == total:
                 break
             batch = data.subset(order[i : i + bs])
@@ -198,16 +198,20 @@ def train_experience(
             state.optimizer.step()
             for hook in components["after_step"]:
                 hook(state, batch, x, out)
-            loss_sum += loss.detach()
+            losses[step] = loss.detach()
             step, samples, state.step = step + 1, samples + len(batch), state.step + 1
             bar.update()
+            on_step(lambda i=i, step=step, samples=samples: {
+                "gen_state": epoch_start, "offset": i + bs, "step": step, "samples": samples,
+                "losses": losses[:step].clone()})  # fmt: skip
     bar.close()
-    if not torch.isfinite(loss_sum):  # one host sync per experience
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()  # one host sync
+    if bad:
         raise FloatingPointError(
-            f"the training loss became NaN or infinite during experience {data.index} "
-            f"(by step {state.step} of the run); lower optimizer.lr or check the data"
+            f"the training loss became {losses[bad[0]].item()} at step {state.step - total + bad[0] + 1}"
+            f" of the run (experience {data.index}); lower optimizer.lr or check the data"
         )
-    return step, samples
+    return step, samples, float(losses.mean())
 
 
 @torch.inference_mode()
@@ -240,9 +244,8 @@ def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: tor
     return F.cross_entropy(out, batch.y)
 
 
-def _rebuild(
-    make_optimizer, model: torch.nn.Module, old: torch.optim.Optimizer, keep_state: bool
-) -> torch.optim.Optimizer:
+def _rebuild(make_optimizer, model: torch.nn.Module, old: torch.optim.Optimizer,
+             keep_state: bool) -> torch.optim.Optimizer:  # fmt: skip
     """A new optimiser over the model's current parameters; parameters that survived keep
     their optimiser state (momentum, Adam moments) unless ``keep_state`` is false."""
     new = make_optimizer(model.parameters())
@@ -253,62 +256,6 @@ def _rebuild(
     return new
 
 
-def _check_same_config(saved: dict, cfg: DictConfig) -> None:
-    now = OmegaConf.to_container(cfg, resolve=True)
-    flat_saved, flat_now = _flatten(saved), _flatten(now)
-    diff = [
-        f"{k}: checkpoint {flat_saved.get(k)!r} → now {flat_now.get(k)!r}"
-        for k in sorted(set(flat_saved) | set(flat_now))
-        if flat_saved.get(k) != flat_now.get(k) and k.split(".")[0] not in RUN_MANAGEMENT_KEYS
-    ]
-    if diff:
-        raise ConfigError(
-            "resume=true refused, the config differs from the checkpoint's: " + "; ".join(diff)
-        )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} is not available on this machine: use auto or cpu")
-    return device
-
-
-def _results(recorder: Recorder, t_start: float, device: torch.device | None) -> dict:
-    R, timings = recorder.acc_matrix, recorder.timings
-    train_s = sum(t["train_s"] for t in timings)
-    out = {
-        **summarize(R, recorder.baseline),
-        "experiences_done": len(R),
-        "steps": sum(t["steps"] for t in timings),
-        "wall_time_s": time.perf_counter() - t_start,
-        "train_time_s": train_s,
-        "eval_time_s": sum(t["eval_s"] for t in timings),
-        "samples_per_s": sum(t["samples"] for t in timings) / train_s if train_s else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": {
-            "clrun": clrun.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    if device is not None:
-        out["device"] = str(device)
-        if device.type == "cuda":
-            out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
-
-
 def _title(choices: dict[str, str] | None, cfg: DictConfig) -> str:
     c = choices or {}
-    return f"{c.get('strategy', '?')} on {c.get('benchmark', '?')} ({c.get('model', '?')}), seed {cfg.seed}"
+    return f"{c.get('strategy')} on {c.get('benchmark')} ({c.get('model')}), seed {cfg.seed}"
