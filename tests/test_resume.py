@@ -1,0 +1,109 @@
+"""Nothing lost: a run killed anywhere resumes to the bit-identical result of an uninterrupted
+run; SIGTERM checkpoints and exits cleanly; bad checkpoints and changed configs are refused."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import options
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLER = ("+strategy.components.zkill._target_=killer.KillAt", "checkpoint.every_n_steps=4")
+
+
+def clrun(*args: str, cwd: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    if kill_at:
+        env["CLRUN_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert (a / "acc_matrix.csv").read_text() == (b / "acc_matrix.csv").read_text()
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    ma, mb = final_state(a)["model"], final_state(b)["model"]
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+
+
+@pytest.mark.parametrize("strategy", options("strategy"))
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, strategy):
+    overrides = (f"strategy={strategy}", *KILLER)
+    reference, ref_dir = run_debug(*overrides)
+    step = random.Random(strategy).randrange(1, reference["steps"])
+    run_dir = tmp_path / "killed"
+    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
+              kill_at=f"{step}:SIGKILL")  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (
+        not (run_dir / "summary.json").exists()
+        or "completed" not in (run_dir / "summary.json").read_text()
+    )
+    resumed, _ = run_debug(*overrides, run_dir=run_dir)  # resume=auto picks the checkpoint up
+    assert resumed["status"] == "completed"
+    assert_same_run(ref_dir, run_dir)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(run_debug, tmp_path):
+    overrides = ("strategy=replay_lwf", *KILLER)
+    _, ref_dir = run_debug(*overrides)
+    run_dir = tmp_path / "term"
+    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
+              kill_at="31:SIGTERM")  # fmt: skip
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "checkpoint saved" in p.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    saved = final_state(run_dir)
+    # the signal came during step 32 (after_step sees 31 steps done): that step was finished
+    assert saved["step"] == 32 and saved["position"]["step"] == 32 - 26  # 26 steps per experience
+    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert_same_run(ref_dir, run_dir)
+
+
+def test_corrupted_checkpoint_is_refused(run_debug, tmp_path):
+    _, run_dir = run_debug("strategy=naive")
+    path = run_dir / "checkpoint" / "state.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="corrupted"):
+        run_debug("strategy=naive", run_dir=run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def test_resume_with_a_different_config_is_refused_with_the_difference(run_debug, tmp_path):
+    _, run_dir = run_debug("strategy=naive")
+    with pytest.raises(Exception, match=r"optimizer\.lr: checkpoint 0\.01, now 0\.02"):
+        run_debug("strategy=naive", "optimizer.lr=0.02", run_dir=run_dir)
+    # run-management keys may differ
+    summary, _ = run_debug("strategy=naive", "threads=2", "resume=true", run_dir=run_dir)
+    assert summary["status"] == "completed"
+
+
+def test_resume_true_without_checkpoint_and_resume_from_path(run_debug, tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        run_debug("resume=true", run_dir=tmp_path / "empty")
+    ref, ref_dir = run_debug("strategy=ewc")
+    copy, copy_dir = run_debug("strategy=ewc", f"resume={ref_dir}", run_dir=tmp_path / "copy")
+    assert copy["final_avg_acc"] == ref["final_avg_acc"] and copy["steps"] == ref["steps"]
+
+
+def test_nan_loss_fails_the_run_naming_the_step(run_debug, tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 17 "):
+        run_debug(
+            "+strategy.components.nan._target_=killer.NaNAt", "+strategy.components.nan.step=17"
+        )
