@@ -88,7 +88,8 @@ def check_same_config(saved: dict, cfg: DictConfig) -> None:
     ]
     if diff:
         raise ConfigError(
-            "cannot resume: the config differs from the checkpoint's in " + "; ".join(diff)
+            "cannot resume: the config differs from the checkpoint's in "
+            + "; ".join(diff)
             + " (use resume=false to start afresh)"
         )
 

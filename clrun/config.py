@@ -58,7 +58,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "auto, true, false or the path of a run directory",
     ),
     "checkpoint.every_n_steps": (
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer ≥ 1"
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "null or an integer ≥ 1",
     ),
     "benchmark.scenario": (lambda v: v in SCENARIOS, " | ".join(SCENARIOS)),
     "benchmark.n_experiences": _int_at_least(1),

@@ -201,8 +201,8 @@ def train_experience(state: RunState, data: Experience, components: Components,
             losses[step] = loss.detach()
             step, samples, state.step = step + 1, samples + len(batch), state.step + 1
             bar.update()
-            on_step(lambda i=i, step=step, samples=samples: {
-                "gen_state": epoch_start, "offset": i + bs, "step": step, "samples": samples,
+            on_step(lambda g=epoch_start, i=i, step=step, samples=samples: {
+                "gen_state": g, "offset": i + bs, "step": step, "samples": samples,
                 "losses": losses[:step].clone()})  # fmt: skip
     bar.close()
     bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()  # one host sync
