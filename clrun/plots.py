@@ -12,20 +12,27 @@ from clrun.io import write_atomic
 
 def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110)
     write_atomic(path, buf.getvalue())
 
 
-def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
+    plt = _pyplot()
+
     n_rows, T = R.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.6 * n_rows))
+    cell = min(0.6, 12 / T)  # long streams: smaller cells, no numbers
+    fig, ax = plt.subplots(figsize=(2.2 + cell * T, 1.4 + cell * n_rows), layout="constrained")
     im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-    for i in range(n_rows):
+    for i in range(n_rows if T <= 20 else 0):
         for j in range(T):
             ax.text(
                 j,
@@ -38,14 +45,14 @@ def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
             )
     ax.set_xlabel("evaluated on experience j")
     ax.set_ylabel("trained through experience i")
-    ax.set_xticks(range(T))
-    ax.set_yticks(range(n_rows))
+    ax.set_xticks(range(0, T, max(1, T // 20)))
+    ax.set_yticks(range(0, n_rows, max(1, T // 20)))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy")
     _save(fig, run_dir / "acc_matrix.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     steps = np.arange(n_rows)
     for j in range(T):
         ax.plot(steps[j:], R[j:, j], marker="o", label=f"exp {j}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clrun import checkpoint
+from clrun import checkpoint, plots
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build, resolve_device, validate
@@ -135,9 +135,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
 
         summary.update(status="completed", **run_summary(recorder, t_start, device))
         write_json(run_dir / "summary.json", summary)
-        from clrun.plots import plot_run
-
-        plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
+        plots.plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
         return summary
     except BaseException as e:
         stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
