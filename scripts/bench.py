@@ -149,7 +149,7 @@ def bare(strategy: str, batch: int, threads: int, result: Path) -> None:
     teacher, seen = None, []
     fisher, anchor = [], []
     train_s, samples = 0.0, 0
-    for i, (x, y) in enumerate(train):
+    for x, y in train:
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(y), generator=gen)
