@@ -110,6 +110,15 @@ class Recorder:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux), else the peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_summary(recorder: Recorder, t_start: float, device=None) -> dict:
     """The metrics and costs of a run so far, for summary.json."""
     import torch

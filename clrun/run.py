@@ -24,7 +24,7 @@ from clrun.benchmarks import Experience
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build, resolve_device, validate
 from clrun.io import write_json
-from clrun.metrics import Recorder, run_summary
+from clrun.metrics import Recorder, current_rss_mb, run_summary
 from clrun.models import adapt_model
 from clrun.preemption import RunInterrupted, StopSignal
 
@@ -123,7 +123,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             results = evaluate(state, components, s.eval_batch_size)
             recorder.timings.append({"experience": exp.index, "steps": steps, "samples": samples,
                                      "train_loss": loss, "train_s": t1 - t0,
-                                     "eval_s": time.perf_counter() - t1})  # fmt: skip
+                                     "eval_s": time.perf_counter() - t1,
+                                     "rss_mb": current_rss_mb()})  # fmt: skip
             recorder.record(exp.index, results)
             seen = [r["acc"] for r in results[: exp.index + 1]]
             log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
