@@ -69,6 +69,18 @@ class RunState:
     experience: int = 0  # index of the experience being trained on
     step: int = 0  # optimiser steps taken so far in the whole run
     reset_optimizer: bool = False  # set in pre_update to get a fresh optimiser (then cleared)
+    precision: str = "fp32"  # fp32 | bf16: the forward pass and loss run under autocast
+    channels_last: bool = False  # image inputs in channels-last memory format
+
+    def autocast(self):
+        """The context the forward pass and losses run in (bf16 autocast or nothing)."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
+    def to_model_format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     extras: dict = field(default_factory=dict)
 
 

@@ -48,6 +48,10 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         benchmark = build(cfg.benchmark, "benchmark").to(device)
         shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
         model = build(cfg.model, "model", **shape).to(device)
+        if cfg.get("channels_last"):
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.get("compile"):
+            model.compile()  # in place: state_dict keys and deepcopy stay as they are
         buffer = build(cfg.buffer, "buffer", seed=cfg.seed) if cfg.get("buffer") else None
         components = Components({
             name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
@@ -57,7 +61,9 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             summary["buffer"] = None  # configured but used by no component
         make_optimizer = build(cfg.optimizer, "optimizer")
         s = cfg.strategy
-        state = RunState(model, benchmark, device, batch_size=s.batch_size)
+        state = RunState(model, benchmark, device, batch_size=s.batch_size,
+                         precision=cfg.get("precision", "fp32"),
+                         channels_last=bool(cfg.get("channels_last")))  # fmt: skip
         state.optimizer = make_optimizer(model.parameters())
         recorder = Recorder(run_dir, len(benchmark.train_stream))
         every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
@@ -183,13 +189,14 @@ def train_experience(state: RunState, data: Experience, components: Components,
             batch = data.subset(order[i : i + bs])
             for hook in components["replay"]:
                 batch = hook(state, batch)
-            x = state.benchmark.prepare(batch.x, batch.e, train=True)
-            out = model(x, batch.t)
-            loss = loss_fn(state, batch, x, out)
-            for hook in components["penalty"]:
-                term = hook(state, batch, x, out)
-                if term is not None:
-                    loss = loss + term
+            x = state.to_model_format(state.benchmark.prepare(batch.x, batch.e, train=True))
+            with state.autocast():
+                out = model(x, batch.t)
+                loss = loss_fn(state, batch, x, out)
+                for hook in components["penalty"]:
+                    term = hook(state, batch, x, out)
+                    if term is not None:
+                        loss = loss + term
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for hook in components["after_backward"]:
@@ -225,9 +232,10 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
         correct = torch.zeros((), device=state.device)
         loss = torch.zeros((), device=state.device)
         for i in range(0, len(exp), batch_size):
-            x = prepare(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
+            x = state.to_model_format(prepare(exp.x[i : i + batch_size], exp.e[i : i + batch_size]))
             y, t = exp.y[i : i + batch_size], exp.t[i : i + batch_size]
-            out = predict(state, x, t) if predict else model(x, t)
+            with state.autocast():
+                out = predict(state, x, t) if predict else model(x, t)
             correct += (out.argmax(1) == y).sum()
             loss += F.cross_entropy(out.float(), y, reduction="sum")
         sums.append(torch.stack([correct, loss]))
