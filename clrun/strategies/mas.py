@@ -1,0 +1,127 @@
+"""Memory Aware Synapses (Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars, ECCV 2018).
+
+``post_update``: the importance of each parameter on the experience is the mean over its samples
+of |∂‖f(x)‖²₂ / ∂θ|, f(x) the model's output (the logits; with a multi-head model, the sample's
+own head): per-sample gradients, as in the paper's formula, with the model in eval mode, over the
+experience's training inputs (``importance_samples`` of them, null = all; no labels are used).
+It is accumulated over experiences: with ``alpha`` in [0, 1], a running average
+Ω ← ``alpha``·Ω + (1 − ``alpha``)·Ω_new (Avalanche and FACIL; the first experience sets Ω = Ω_new);
+with ``alpha`` null, the paper's (and the authors' code's) sum Ω ← Ω + Ω_new. Then θ* ← θ.
+``penalty``: ``mas_lambda`` · Σ Ω (θ − θ*)² (λ in the paper, no ½).
+
+Works in every scenario. Parameters that grew since θ* (incremental heads) are penalised on their
+old part only; new units start with Ω = 0. Frozen parameters are not tracked; a parameter the
+output does not depend on gets Ω = 0. State: Ω, θ* and the sampling generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from clrun.benchmarks import Experience
+from clrun.components import RunState
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _old(shape: torch.Size) -> tuple[slice, ...]:
+    """Index of the part of a (possibly grown) parameter that had ``shape``."""
+    return tuple(slice(0, s) for s in shape)
+
+
+class MAS:
+    def __init__(
+        self,
+        mas_lambda: float = 0.1,
+        alpha: float | None = 0.5,
+        importance_samples: int | None = None,
+        importance_batch_size: int = 64,
+        seed: int = 0,
+    ):
+        if not _number(mas_lambda) or mas_lambda < 0:
+            raise ValueError(f"MAS mas_lambda={mas_lambda!r} must be a finite number ≥ 0")
+        if alpha is not None and (not _number(alpha) or not 0 <= alpha <= 1):
+            raise ValueError(
+                f"MAS alpha={alpha!r} must be null (sum, as in the paper) or in [0, 1]"
+            )
+        for name, v in (
+            ("importance_samples", importance_samples),
+            ("importance_batch_size", importance_batch_size),
+        ):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"MAS {name}={v!r} must be an integer ≥ 1")
+        self.mas_lambda = float(mas_lambda)
+        self.alpha = None if alpha is None else float(alpha)
+        self.importance_samples = importance_samples
+        self.importance_batch_size = importance_batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.importance: dict[str, Tensor] = {}  # Ω
+        self.anchor: dict[str, Tensor] = {}  # θ*
+
+    def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
+        if not self.importance or self.mas_lambda == 0:
+            return None
+        total = out.new_zeros((), dtype=torch.float32)
+        for name, p in state.model.named_parameters():
+            omega = self.importance.get(name)
+            if omega is None:
+                continue
+            total = total + (omega * (p[_old(omega.shape)] - self.anchor[name]).pow(2)).sum()
+        return self.mas_lambda * total
+
+    @torch.no_grad()
+    def post_update(self, state: RunState, exp: Experience) -> None:
+        new = self._importance(state, exp)
+        for name, omega in new.items():
+            old = self.importance.get(name)
+            if old is not None:
+                if self.alpha is None:
+                    omega[_old(old.shape)] += old
+                else:
+                    omega.mul_(1 - self.alpha)
+                    omega[_old(old.shape)] += self.alpha * old
+            self.importance[name] = omega
+        self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+
+    def _importance(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
+        """Mean over the experience's samples of |∂‖f(x)‖² / ∂θ|, one gradient per sample."""
+        model = state.model
+        was_training = model.training
+        model.eval()
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        buffers = dict(model.named_buffers())
+
+        def squared_norm(p: dict, x: Tensor, t: Tensor) -> Tensor:
+            out = functional_call(model, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
+            return out.pow(2).sum()
+
+        per_sample_grads = vmap(grad(squared_norm), in_dims=(None, 0, 0))
+        n = len(exp) if self.importance_samples is None else min(len(exp), self.importance_samples)
+        if n < len(exp):
+            order = torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
+        else:
+            order = torch.arange(n, device=exp.y.device)
+        omega = {k: torch.zeros_like(v) for k, v in params.items()}
+        for i in range(0, n, self.importance_batch_size):  # torch.func ignores the outer no_grad
+            b = exp.subset(order[i : i + self.importance_batch_size])
+            for k, g in per_sample_grads(params, state.benchmark.prepare(b.x, b.e), b.t).items():
+                omega[k] += g.abs().sum(0)
+        model.train(was_training)
+        return {k: v / max(n, 1) for k, v in omega.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "importance": self.importance,
+            "anchor": self.anchor,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.importance, self.anchor = dict(state["importance"]), dict(state["anchor"])
+        self.generator.set_state(state["generator"])
