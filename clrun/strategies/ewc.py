@@ -64,7 +64,7 @@ class EWC:
         if not self.terms or self.ewc_lambda == 0:
             return None
         params = dict(state.model.named_parameters())
-        total = out.new_zeros(())
+        total = out.new_zeros((), dtype=torch.float32)  # accumulate in fp32 under bf16 autocast
         for term in self.terms:
             for name, fisher in term["fisher"].items():
                 p = params.get(name)
