@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from clrun.benchmarks import Experience
-from clrun.buffers import ClassBalancedBuffer, ReservoirBuffer
+from clrun.buffers import ClassBalancedBuffer, ReservoirBuffer, rank
 
 
 def stream(n: int, n_classes: int = 10, start: int = 0, exp: int = 0) -> Experience:
@@ -97,3 +98,122 @@ def test_sample_draws_without_replacement():
     assert len(s) == 32 and len(set(s.y.tolist())) == 32
     assert len(buf.sample(1000)) == 64
     assert math.isclose(float(buf.data["y"].float().mean()), 31.5)
+
+
+# --------------------------------------------------------------------------- ranked selection
+
+# 1-D features, mean 3. Herding: 3; then 2 (mean 2.5, vs 3.75 with 4.5); 4.5 (3.17); 1 (2.63);
+# 7.5 (3.6, vs 2.1 with 0); 0. Closest to the centre: 3, 2, 4.5, 1, 0, 7.5.
+TOY = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.5, 7.5])
+
+
+def toy_features(samples: Experience) -> torch.Tensor:
+    return TOY[samples.x.view(len(samples), -1)[:, 0].long()].unsqueeze(1)
+
+
+def test_herding_and_closest_to_center_on_a_known_set():
+    assert rank(TOY.unsqueeze(1).double(), "herding", 6).tolist() == [3, 2, 4, 1, 5, 0]
+    assert rank(TOY.unsqueeze(1).double(), "closest_to_center", 6).tolist() == [3, 2, 4, 1, 0, 5]
+
+
+def test_herding_is_the_greedy_mean_matching_rule():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    mu, chosen = f.mean(0), []
+    for i in range(1, 11):  # the rule written out: argmin ||mu - (sum of chosen + f) / i||
+        dist = ((mu - (f[chosen].sum(0) + f) / i) ** 2).sum(1)
+        dist[chosen] = float("inf")
+        chosen.append(int(dist.argmin()))
+    assert rank(f, "herding", 10).tolist() == chosen
+
+
+def test_class_balanced_ranked_selection_keeps_rank_order_and_shrinks_by_dropping_the_last():
+    exp = stream(6, n_classes=1)  # x = 0..5 → features TOY
+    herd = ClassBalancedBuffer(max_size=5, selection="herding")
+    herd.update(exp, features=toy_features)
+    assert herd.data["x"][:, 0, 0, 0].tolist() == [3, 2, 4, 1, 5]
+    near = ClassBalancedBuffer(max_size=5, selection="closest_to_center")
+    near.update(exp, features=toy_features)
+    assert near.data["x"][:, 0, 0, 0].tolist() == [3, 2, 4, 1, 0]
+    herd.resize(2)  # iCaRL's reduction: no features needed
+    assert herd.data["x"][:, 0, 0, 0].tolist() == [3, 2]
+    with pytest.raises(
+        ValueError, match="buffer.selection=herding ranks samples by their features"
+    ):
+        herd.update(exp)
+    with pytest.raises(ValueError, match="buffer.selection='best'"):
+        ClassBalancedBuffer(10, selection="best")
+
+
+def test_ranked_selection_per_class_with_new_classes():
+    buf = ClassBalancedBuffer(max_size=4, selection="closest_to_center")
+    ids = torch.arange(12)
+    x = ids.to(torch.uint8).view(-1, 1, 1, 1)
+    y = ids // 6  # class 0: ids 0-5, class 1: ids 6-11
+
+    def feats(s: Experience) -> torch.Tensor:
+        return (s.x.view(-1).double() % 6).unsqueeze(1)  # both classes: features 0..5, mean 2.5
+
+    first = Experience(
+        0, x[:6], y[:6], torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+    )
+    buf.update(first, features=feats)
+    assert buf.data["x"].view(-1).tolist() == [2, 3, 1, 4]
+    second = Experience(
+        1, x[6:], y[6:], torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    )
+    buf.update(second, features=feats)  # class 0 is cut to its two best, class 1 ranked afresh
+    assert buf.data["x"].view(-1).tolist() == [2, 3, 8, 9]
+
+
+# --------------------------------------------------------------------------- extra fields
+
+
+def test_extra_fields_follow_their_samples_through_reservoir_updates_and_state():
+    buf = ReservoirBuffer(max_size=16, seed=1)
+    for k in range(5):
+        s = stream(10, n_classes=100, start=10 * k)
+        buf.update(s, logits=s.y.float().unsqueeze(1).expand(-1, 3) * 2)
+    assert buf.data["logits"].shape == (16, 3)
+    assert torch.equal(buf.get("logits")[:, 0], buf.data["y"].float() * 2)
+    idx = buf.sample_index(4)
+    assert torch.equal(buf.get("logits", idx)[:, 1], buf.samples(idx).y.float() * 2)
+    buf.set("logits", idx, torch.zeros(4, 3))
+    assert torch.equal(buf.get("logits", idx), torch.zeros(4, 3))
+    copy = ReservoirBuffer(max_size=16, seed=9)
+    copy.load_state_dict(buf.state_dict())
+    assert torch.equal(copy.get("logits"), buf.get("logits"))
+    with pytest.raises(ValueError, match="stores the fields"):
+        buf.update(stream(3))  # without the logits this buffer carries
+    with pytest.raises(ValueError, match="one row per sample"):
+        buf.update(stream(3), logits=torch.zeros(2, 3))
+
+
+def test_extra_fields_through_class_balanced_selection_and_remove():
+    buf = ClassBalancedBuffer(max_size=20, seed=0)
+    s = stream(100, n_classes=4)
+    buf.update(s, logits=s.y.float().unsqueeze(1))
+    assert torch.equal(buf.get("logits").squeeze(1), buf.data["y"].float())
+    buf.remove(buf.data["y"] != 0)
+    assert len(buf) == 15 and torch.equal(buf.get("logits").squeeze(1), buf.data["y"].float())
+
+
+# --------------------------------------------------------------------------- balanced draws
+
+
+def test_group_balanced_draws_give_equal_shares_and_oversample_small_groups():
+    buf = ReservoirBuffer(max_size=100, seed=0)
+    y = torch.cat([torch.zeros(50), torch.ones(5), torch.full((1,), 2)]).long()
+    x = torch.arange(56).to(torch.uint8).view(-1, 1, 1, 1)
+    buf.update(Experience(0, x, y, torch.zeros_like(y), torch.zeros_like(y)))
+    idx = buf.sample_index(30, balance="class")
+    assert torch.bincount(buf.data["y"][idx]).tolist() == [10, 10, 10]
+    assert len(set(idx[buf.data["y"][idx] == 0].tolist())) == 10  # no repeats where not needed
+    # class 1 has 5 samples for 10 draws: each twice; class 2 has one: ten times
+    assert torch.bincount(idx[buf.data["y"][idx] == 1] - 50).tolist() == [2] * 5
+    counts = torch.bincount(buf.data["y"][buf.sample_index(31, balance="class")]).tolist()
+    assert sorted(counts) == [10, 10, 11]
+    by_exp = buf.sample_index(8, balance="experience")  # a single group: 8 distinct samples
+    assert len(set(by_exp.tolist())) == 8
+    with pytest.raises(ValueError, match="balance='colour'"):
+        buf.sample_index(8, balance="colour")

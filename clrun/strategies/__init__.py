@@ -5,21 +5,31 @@ Each component is one short file; see :mod:`clrun.components` for the hooks and 
 
 from clrun.strategies.agem import AGEM
 from clrun.strategies.cumulative import Cumulative, Joint
+from clrun.strategies.der import DER
+from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
+from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
+from clrun.strategies.icarl import ICaRL
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
 from clrun.strategies.si import SI
+from clrun.strategies.xder import XDER
 
 __all__ = [
     "AGEM",
+    "DER",
+    "ERACE",
     "EWC",
     "GEM",
     "MAS",
     "SI",
+    "XDER",
     "Cumulative",
+    "GDumb",
+    "ICaRL",
     "Joint",
     "LwF",
     "RWalk",

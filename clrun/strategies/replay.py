@@ -1,20 +1,66 @@
 """Experience replay (ER; Chaudhry et al. 2019, "On Tiny Episodic Memories in Continual Learning").
 
-``replay``: each training minibatch is concatenated with ``batch_size`` samples drawn uniformly
-from the buffer (default: as many as the minibatch has). ``post_update``: the experience's samples
-are offered to the buffer, whose policy (``buffer=reservoir`` / ``class_balanced``) decides what
-stays. Works in every scenario. The buffer's own state is checkpointed by the runner.
+``replay``: each training minibatch is concatenated with ``batch_size`` samples drawn from the
+buffer (default: as many as the minibatch has): uniformly, or with ``balance`` = class | task |
+experience an equal share per group, small groups oversampled. ``post_update``: the experience's
+samples are offered to the buffer, whose policy (``buffer=reservoir`` / ``class_balanced``, with
+``buffer.selection`` random | herding | closest_to_center) decides what stays; the ranked
+selections get the model's L2-normalised backbone features (:func:`backbone_features`). Works in
+every scenario. The buffer's own state is checkpointed by the runner.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 from clrun.benchmarks import Experience, concat
-from clrun.buffers import Buffer
+from clrun.buffers import Buffer, FeatureFn, check_balance
 from clrun.components import RunState
 
 
+def piece(samples: Experience, start: int, stop: int) -> Experience:
+    """Samples ``start:stop`` (a view, no copy)."""
+    s = slice(start, stop)
+    return Experience(samples.index, samples.x[s], samples.y[s], samples.t[s], samples.e[s])
+
+
+def model_input(state: RunState, samples: Experience, train: bool = False) -> Tensor:
+    """Raw samples → the model's input, as the runner prepares a minibatch (the benchmark's
+    augmentation with ``train=True``, then the run's memory format)."""
+    x = state.benchmark.prepare(samples.x, samples.e, train=train)
+    to_format = getattr(state, "to_model_format", None)
+    return to_format(x) if to_format is not None else x
+
+
+def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
+    """A feature function for buffer selection and nearest-mean classifiers: raw samples →
+    L2-normalised features of ``state.model.backbone`` (eval mode, no gradient, batched), as
+    iCaRL computes them."""
+
+    def features(samples: Experience) -> Tensor:
+        model = state.model
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(samples), batch_size):
+                x = model_input(state, piece(samples, i, i + batch_size))
+                out.append(F.normalize(model.backbone(x).flatten(1).float(), dim=1))
+        model.train(was_training)
+        return torch.cat(out)
+
+    return features
+
+
+def buffer_features(buffer: Buffer, state: RunState) -> FeatureFn | None:
+    """The feature function a buffer's selection needs, or None."""
+    return backbone_features(state) if getattr(buffer, "needs_features", False) else None
+
+
 class Replay:
-    def __init__(self, buffer: Buffer | None, batch_size: int | None = None):
+    def __init__(self, buffer: Buffer | None, batch_size: int | None = None, balance: str = "none"):
         if buffer is None:
             raise ValueError(
                 "this strategy replays samples and needs a buffer: "
@@ -23,12 +69,20 @@ class Replay:
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"batch_size={batch_size!r} must be null or an integer ≥ 1")
         self.buffer, self.batch_size = buffer, batch_size
+        self.balance = check_balance(balance, "balance")
 
     def replay(self, state: RunState, batch: Experience) -> Experience:
         if len(self.buffer) == 0:
             return batch
-        memory = self.buffer.sample(self.batch_size or len(batch))
+        n = self.batch_size or len(batch)
+        # a buffer class of the user's own may not take ``balance``: pass it only when asked for
+        balanced = self.balance != "none"
+        memory = self.buffer.sample(n, self.balance) if balanced else self.buffer.sample(n)
         return concat([batch, memory], batch.index)
 
     def post_update(self, state: RunState, exp: Experience) -> None:
-        self.buffer.update(exp)
+        features = buffer_features(self.buffer, state)
+        if features is None:
+            self.buffer.update(exp)
+        else:
+            self.buffer.update(exp, features=features)
