@@ -29,6 +29,10 @@ right after ``pre_update``; the optimiser is then rebuilt, keeping the state of 
 survived. A ``pre_update`` that resets the model sets ``state.reset_optimizer = True`` to get a
 fresh optimiser as well.
 
+A run resumed inside an experience calls ``train_data`` again but not ``pre_update``: ``train_data``
+must give the same data when called twice, and whatever ``pre_update`` sets up must be in the
+component's state.
+
 A component with state implements ``state_dict()`` / ``load_state_dict(state)`` holding tensors
 and plain Python values only, so that checkpoints load with ``torch.load(weights_only=True)``.
 If a component's constructor takes a ``buffer`` (or ``seed``) argument the YAML does not set,
