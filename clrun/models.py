@@ -15,15 +15,31 @@ Heads (``model.head``):
 Growth happens in :func:`adapt_model`, which the runner calls before training on an experience:
 every submodule with an ``adaptation(experience)`` method is adapted, nested ones included. The
 runner then rebuilds the optimiser so that new parameters are trained.
+
+Backbones (``model=``): ``mlp`` (any input, flattened), ``cnn`` (small conv net, any image size),
+``resnet18_reduced`` (the reduced ResNet-18 of GEM, nf=20), ``resnet18`` (the CIFAR ResNet-18:
+3×3 stem, no max-pool, 64..512 channels), ``resnet32`` (the CIFAR-100 ResNet-32 of iCaRL/FACIL),
+``mobilenet_v1`` (architecture only, no weights) and ``torchvision`` (any torchvision
+classification model by name, with its classifier replaced by our head; needs the ``vision``
+extra). :func:`with_head` / :func:`as_multitask` turn any backbone+classifier module into a
+:class:`CLModel`.
+
+BatchNorm. The ResNets and MobileNet use BatchNorm: in training mode it normalises with batch
+statistics (noisy for tiny batches, e.g. online streams of a few samples; an error where a
+feature map holds one value per channel), in eval mode with running statistics. Per-sample
+gradients (EWC's Fisher through ``torch.func.functional_call`` + ``vmap``) must run the model in
+eval mode, as the EWC component does; every model here supports that (tested).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clrun.benchmarks import Experience
@@ -222,7 +238,7 @@ def cnn(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
     layers: list[nn.Module] = []
-    c_in = input_shape[0]
+    c_in = _image_channels(input_shape, "cnn")
     for c in channels:
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)]
         layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
@@ -231,3 +247,226 @@ def cnn(
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     return CLModel(nn.Sequential(*layers), make_head(head, c_in, n_classes))
+
+
+# --------------------------------------------------------------------------- any module + our head
+
+
+def _find_classifier(module: nn.Module, name: str | None) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent, attribute, layer) of the classifier: the submodule called ``name`` (dotted
+    path), else the last ``nn.Linear`` registered anywhere in ``module`` (found recursively)."""
+    if name is None:
+        found = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if not found:
+            raise ValueError(
+                f"{type(module).__name__} has no nn.Linear classifier to replace; name the "
+                "classifier submodule explicitly (classifier=...)"
+            )
+        name = found[-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    layer = getattr(parent, attr, None)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"{name!r} of {type(module).__name__} is not an nn.Linear classifier")
+    return parent, attr, layer
+
+
+def with_head(
+    module: nn.Module,
+    n_classes: int | None = None,
+    head: str = "multi",
+    classifier: str | None = None,
+) -> CLModel:
+    """Any backbone+classifier module as a :class:`CLModel` with one of our heads.
+
+    The final ``nn.Linear`` (found recursively: the last one registered, or the submodule named
+    ``classifier``, e.g. ``"fc"`` or ``"classifier.1"``) is replaced in place by ``nn.Identity``,
+    so the module returns its features; the head (``single``, ``incremental`` or ``multi``) is
+    built for the classifier's input width and ``n_classes`` outputs (default: its old output
+    width) and put on top, as Avalanche's ``as_multitask`` does. The classifier must be the
+    module's last operation, as in torchvision's classification models. The module's other
+    weights are kept; ``adapt_model`` then finds the head (and any other dynamic module,
+    however deeply nested)."""
+    parent, attr, layer = _find_classifier(module, classifier)
+    setattr(parent, attr, nn.Identity())
+    n = layer.out_features if n_classes is None else n_classes
+    new_head = make_head(head, layer.in_features, n)
+    return CLModel(module, new_head.to(layer.weight.device))
+
+
+def as_multitask(
+    module: nn.Module, n_classes: int | None = None, classifier: str | None = None
+) -> CLModel:
+    """:func:`with_head` with a :class:`MultiHeadClassifier`: one head per task label."""
+    return with_head(module, n_classes, "multi", classifier)
+
+
+# --------------------------------------------------------------------------- conv backbones
+
+
+def _image_channels(input_shape: Sequence[int], model: str) -> int:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model={model} needs image inputs (C, H, W); this benchmark gives {tuple(input_shape)}"
+            " (use model=mlp for vectors)"
+        )
+    return int(input_shape[0])
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv + BatchNorm; identity shortcut, or 1×1 conv + BatchNorm where the shape
+    changes (GEM's and FACIL's CIFAR ResNets)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet features: 3×3 stride-1 stem + BatchNorm + ReLU (no max-pool), stages of
+    basic blocks (the first block of every stage after the first halves the resolution), global
+    average pooling. On 32×32 inputs the pooling equals GEM's ``avg_pool2d(out, 4)`` (ResNet-18)
+    and FACIL's ``AvgPool2d(8)`` (ResNet-32); on other sizes it still gives ``out_features``."""
+
+    def __init__(self, in_channels: int, stem: int, widths: Sequence[int], blocks: Sequence[int]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        stages, c_in = [], stem
+        for i, (width, n) in enumerate(zip(widths, blocks, strict=True)):
+            layers = []
+            for j in range(n):
+                layers.append(BasicBlock(c_in, width, 2 if i > 0 and j == 0 else 1))
+                c_in = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.out_features = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.stages(torch.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def resnet18_reduced(
+    input_shape: Sequence[int], n_classes: int, head: str = "single", nf: int = 20
+) -> CLModel:
+    """The reduced ResNet-18 of GEM (Lopez-Paz & Ranzato 2017) and A-GEM: basic blocks
+    [2, 2, 2, 2] with nf, 2nf, 4nf, 8nf channels (nf=20: 160 features, ~1.1M parameters)."""
+    if nf < 1:
+        raise ValueError(f"model.nf={nf} must be ≥ 1")
+    c = _image_channels(input_shape, "resnet18_reduced")
+    backbone = ResNet(c, nf, [nf, 2 * nf, 4 * nf, 8 * nf], [2, 2, 2, 2])
+    return CLModel(backbone, make_head(head, backbone.out_features, n_classes))
+
+
+def resnet18(input_shape: Sequence[int], n_classes: int, head: str = "single") -> CLModel:
+    """ResNet-18 for CIFAR-sized inputs (3×3 stem, no max-pool; 64, 128, 256, 512 channels;
+    ~11M parameters): the reduced ResNet-18 at nf=64, as in DER, Mammoth and PyCIL."""
+    c = _image_channels(input_shape, "resnet18")
+    backbone = ResNet(c, 64, [64, 128, 256, 512], [2, 2, 2, 2])
+    return CLModel(backbone, make_head(head, backbone.out_features, n_classes))
+
+
+def resnet32(input_shape: Sequence[int], n_classes: int, head: str = "single") -> CLModel:
+    """The CIFAR-100 ResNet-32 of iCaRL as FACIL implements it: 3 stages of 5 basic blocks with
+    16, 32, 64 channels (1×1-conv shortcuts), 64 features, ~0.46M parameters; Kaiming-normal
+    (fan-out) conv init, BatchNorm weight 1 and bias 0."""
+    c = _image_channels(input_shape, "resnet32")
+    backbone = ResNet(c, 16, [16, 32, 64], [5, 5, 5])
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return CLModel(backbone, make_head(head, backbone.out_features, n_classes))
+
+
+MOBILENET_V1 = (  # (output channels, stride) of the 13 depthwise-separable blocks
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)  # fmt: skip
+
+
+def mobilenet_v1(
+    input_shape: Sequence[int],
+    n_classes: int,
+    head: str = "single",
+    width_multiplier: float = 1.0,
+    stem_stride: int = 1,
+) -> CLModel:
+    """MobileNet v1 (Howard et al. 2017), architecture only (no pretrained weights): a 3×3 conv
+    with 32 channels, then 13 depthwise-separable blocks (3×3 depthwise + BN + ReLU, 1×1
+    pointwise + BN + ReLU) up to 1024 channels, global average pooling. ``width_multiplier``
+    (α) scales every width; ``stem_stride`` is 2 in the paper (224×224 inputs) and 1 for
+    32×32 inputs (the usual CIFAR variant)."""
+    if width_multiplier <= 0:
+        raise ValueError(f"model.width_multiplier={width_multiplier} must be > 0")
+    if stem_stride not in (1, 2):
+        raise ValueError(f"model.stem_stride={stem_stride} must be 1 or 2")
+    c_in = _image_channels(input_shape, "mobilenet_v1")
+
+    def width(c: int) -> int:
+        return max(8, int(c * width_multiplier))
+
+    def conv_bn(c_in: int, c_out: int, k: int, stride: int, groups: int = 1) -> list[nn.Module]:
+        conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)
+        return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    layers = conv_bn(c_in, width(32), 3, stem_stride)
+    c = width(32)
+    for c_out, stride in MOBILENET_V1:
+        layers += conv_bn(c, c, 3, stride, groups=c)  # depthwise
+        layers += conv_bn(c, width(c_out), 1, 1)  # pointwise
+        c = width(c_out)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return CLModel(nn.Sequential(*layers), make_head(head, c, n_classes))
+
+
+class _ToRGB(nn.Module):
+    """Repeat a single input channel three times (grey images into an RGB network)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+def torchvision_model(
+    input_shape: Sequence[int],
+    n_classes: int,
+    head: str = "single",
+    name: str = "resnet18",
+    weights: str | None = None,
+) -> CLModel:
+    """Any torchvision classification model by name (``torchvision.models.get_model``), its
+    final linear classifier replaced by our head (:func:`with_head`). ``weights`` (e.g.
+    ``DEFAULT``) loads pretrained weights, which torchvision downloads unless they are in the
+    torch hub cache already. Grey (1-channel) inputs are repeated to 3 channels."""
+    from clrun.datasets import require_torchvision
+
+    tv = require_torchvision(f"model=torchvision (model.name={name})")
+    c = _image_channels(input_shape, "torchvision")
+    if c not in (1, 3):
+        raise ValueError(f"model=torchvision takes 1- or 3-channel images, not {c} channels")
+    available = tv.models.list_models(module=tv.models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"model.name={name!r} is not a torchvision classification model{hint}; see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
+    module = tv.models.get_model(name, weights=weights)
+    model = with_head(module, n_classes, head)
+    if c == 1:
+        model.backbone = nn.Sequential(_ToRGB(), model.backbone)
+    return model

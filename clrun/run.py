@@ -24,7 +24,7 @@ from clrun.benchmarks import Experience
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build, resolve_device, validate
 from clrun.io import write_json
-from clrun.metrics import Recorder, current_rss_mb, run_summary
+from clrun.metrics import Recorder, Work, current_rss_mb, run_summary
 from clrun.models import adapt_model
 from clrun.preemption import RunInterrupted, StopSignal
 
@@ -65,7 +65,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                          precision=cfg.get("precision", "fp32"),
                          channels_last=bool(cfg.get("channels_last")))  # fmt: skip
         state.optimizer = make_optimizer(model.parameters())
-        recorder = Recorder(run_dir, len(benchmark.train_stream))
+        recorder = Recorder(run_dir, len(benchmark.test_stream))  # one column per test experience
+        work = Work()  # steps, samples, seconds since the last evaluation
         every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
 
         def save(next_experience: int, position: dict | None = None) -> None:
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 "components": components.state_dict(), "recorder": recorder.state_dict(),
                 "buffer": buffer.state_dict() if buffer is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()},
+                "benchmark": benchmark.state_dict(), "work": vars(work),
             })  # fmt: skip
 
         start, position = 0, None
@@ -90,6 +92,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             recorder.load_state_dict(saved["recorder"])
             torch.set_rng_state(saved["rng"]["torch"].cpu())
             gen.set_state(saved["rng"]["data"].cpu())
+            benchmark.load_state_dict(saved["benchmark"])
+            vars(work).update(saved["work"])
             state.step, start, position = saved["step"], saved["next_experience"], saved["position"]
             log.info(
                 "resumed from %s at experience %d, step %d", checkpoint.FILE, start, state.step
@@ -119,23 +123,22 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 state.reset_optimizer = False
 
             t0 = time.perf_counter()
-            steps, samples, loss = train_experience(
-                state, data, components, gen, s, on_step, position
-            )
+            done = train_experience(state, data, components, gen, s, on_step, position)
             position = None
             for hook in components["post_update"]:
                 hook(state, exp)
-            t1 = time.perf_counter()
-            results = evaluate(state, components, s.eval_batch_size)
-            recorder.timings.append({"experience": exp.index, "steps": steps, "samples": samples,
-                                     "train_loss": loss, "train_s": t1 - t0,
-                                     "eval_s": time.perf_counter() - t1,
-                                     "rss_mb": current_rss_mb()})  # fmt: skip
-            recorder.record(exp.index, results)
-            seen = [r["acc"] for r in results[: exp.index + 1]]
-            log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
-                     exp.index + 1, len(benchmark.train_stream), steps, t1 - t0, loss,
-                     sum(seen) / len(seen))  # fmt: skip
+            work.add(*done, time.perf_counter() - t0)
+            if benchmark.ends_experience(exp.index):  # online streams: once per original one
+                i, t1 = benchmark.origin(exp.index), time.perf_counter()
+                results = evaluate(state, components, s.eval_batch_size)
+                recorder.timings.append({"experience": i, **work.take(),
+                                         "eval_s": time.perf_counter() - t1,
+                                         "rss_mb": current_rss_mb()})  # fmt: skip
+                recorder.record(i, results)
+                seen, w = [r["acc"] for r in results[: i + 1]], recorder.timings[-1]
+                log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
+                         i + 1, len(benchmark.test_stream), w["steps"], w["train_s"],
+                         w["train_loss"], sum(seen) / len(seen))  # fmt: skip
             save(exp.index + 1)
             if stop.requested:
                 stop.hand_over()

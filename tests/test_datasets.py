@@ -399,7 +399,7 @@ REAL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ds.DATASETS)
+@pytest.mark.parametrize("name", sorted(REAL))
 def test_real_dataset(tmp_path, name):
     (n_train, n_test), train_counts, test_counts = REAL[name]
     for attempt in ("fetch", "cache"):
@@ -413,3 +413,203 @@ def test_real_dataset(tmp_path, name):
         assert torch.bincount(data["y_test"]).tolist() == test_counts, attempt
         arrays = {k: v.numpy().astype(np.uint8) for k, v in data.items()}
         assert array_md5s(arrays) == ds.ARRAY_MD5[name], attempt
+
+
+# ---------------------------------------------------------------- CIFAR, in the official format
+
+
+def make_cifar(name: str, n_train: int = 12, n_test: int = 6, seed: int = 0) -> tuple[dict, dict]:
+    """(files, arrays): the pickled batches of a small CIFAR-10/100 in the official layout
+    (Python 2 pickles of dicts with byte-string keys, protocol 2, as the real files are), and
+    the arrays a reader must return."""
+    spec = ds.CIFAR[name]
+    rng = np.random.default_rng(seed)
+    n_fine = 10 if name == "cifar10" else 100
+    arrays, files = {}, {}
+    for split, n, names in (("train", n_train, spec["train"]), ("test", n_test, spec["test"])):
+        x = rng.integers(0, 256, (n * len(names), 3, 32, 32), dtype=np.uint8)
+        fine = rng.integers(0, n_fine, n * len(names))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, fine.astype(np.uint8)
+        if name == "cifar100":
+            arrays[f"y_{split}_coarse"] = (fine // 5).astype(np.uint8)
+        for k, f in enumerate(names):
+            part = slice(k * n, (k + 1) * n)
+            batch = {
+                b"batch_label": f"{split} batch {k + 1} of {len(names)}".encode(),
+                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                b"data": x[part].reshape(n, 3072),
+            }
+            if name == "cifar10":
+                batch[b"labels"] = [int(v) for v in fine[part]]
+            else:
+                batch[b"fine_labels"] = [int(v) for v in fine[part]]
+                batch[b"coarse_labels"] = [int(v) // 5 for v in fine[part]]
+            files[f] = py2_pickle(batch)
+    meta = {b"label_names": [f"class{i}".encode() for i in range(n_fine)]}
+    files["batches.meta" if name == "cifar10" else "meta"] = py2_pickle(meta)
+    return files, arrays
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def make_cifar_archive(name: str, files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f, data in files.items():
+            info = tarfile.TarInfo(f"{ds.CIFAR[name]['folder']}/{f}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def official(monkeypatch, name: str, files: dict[str, bytes], archive: bytes | None) -> None:
+    """Register the generated files as the official ones (their md5s)."""
+    spec = {
+        **ds.CIFAR[name],
+        "file_md5": {f: hashlib.md5(files[f]).hexdigest() for f in ds.CIFAR[name]["file_md5"]},
+    }
+    if archive is not None:
+        spec["archive_md5"] = hashlib.md5(archive).hexdigest()
+    monkeypatch.setitem(ds.CIFAR, name, spec)
+
+
+def assert_cifar(tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> None:
+    assert set(tensors) == set(arrays)
+    for key, a in arrays.items():
+        assert tensors[key].dtype == (torch.uint8 if key.startswith("x") else torch.int64)
+        np.testing.assert_array_equal(tensors[key].numpy(), a)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_archive_in_raw_and_cache(tmp_path, monkeypatch, name):
+    files, arrays = make_cifar(name)
+    archive = make_cifar_archive(name, files)
+    official(monkeypatch, name, files, archive)
+    raw = tmp_path / name / "raw"
+    write_files(raw, {ds.CIFAR[name]["archive"]: archive})
+    data = ds.load_dataset(name, tmp_path)
+    assert_cifar(data, arrays)
+    assert data["x_train"].shape == (len(arrays["y_train"]), 3, 32, 32)
+    (raw / ds.CIFAR[name]["archive"]).unlink()
+    assert_cifar(ds.load_dataset(name, tmp_path), arrays)  # from the cache alone
+
+
+def test_cifar_reader_matches_the_official_pixel_layout():
+    files, arrays = make_cifar("cifar10", n_train=2, n_test=1)
+    row = ds.read_cifar_batch(files["data_batch_1"])["data"][0]
+    # a row is 1024 red, then 1024 green, then 1024 blue values, each 32×32 row-major
+    assert row[32 * 5 + 7] == arrays["x_train"][0, 0, 5, 7]
+    assert row[1024 + 32 * 31] == arrays["x_train"][0, 1, 31, 0]
+    assert row[2048 + 1023] == arrays["x_train"][0, 2, 31, 31]
+
+
+def test_cifar_corrupted_archive_moves_on_to_extracted_folder(tmp_path, monkeypatch, caplog):
+    files, arrays = make_cifar("cifar10")
+    archive = make_cifar_archive("cifar10", files)
+    official(monkeypatch, "cifar10", files, archive)
+    raw = tmp_path / "cifar10" / "raw"
+    write_files(raw, {"cifar-10-python.tar.gz": archive[:-100]})  # a download cut short
+    write_files(raw / "cifar-10-batches-py", files)
+    with caplog.at_level(logging.INFO, logger=ds.__name__):
+        assert_cifar(ds.load_dataset("cifar10", tmp_path), arrays)
+    assert (
+        "not the official" in caplog.text and "loaded cifar10 from extracted archive" in caplog.text
+    )
+    assert (tmp_path / "cifar10" / "arrays.npz").is_file()  # verified files: cached
+
+
+def test_cifar_all_sources_fail_says_which_file_to_put_where(tmp_path, monkeypatch):
+    files, _ = make_cifar("cifar10")
+    archive = make_cifar_archive("cifar10", files)
+    raw = tmp_path / "cifar10" / "raw"
+    write_files(raw, {"cifar-10-python.tar.gz": archive})  # well-formed, but not the official md5
+    with pytest.raises(ds.DatasetUnavailableError) as info:
+        ds.load_dataset("cifar10", tmp_path)
+    message = str(info.value)
+    assert message.count("\n  - ") == 3  # archive, extracted folder, official URL
+    assert f"has md5 {hashlib.md5(archive).hexdigest()}, not the official" in message
+    assert "c58f30108f718f92721af3b95e74349a" in message
+    assert f"put it at {raw / 'cifar-10-python.tar.gz'}" in message
+    assert str(raw / "cifar-10-batches-py" / "data_batch_1") in message
+    assert "benchmark.path" in message and "network disabled in tests" in message
+
+
+def test_cifar_user_path_policy(tmp_path, monkeypatch, caplog):
+    """A user's archive must be official; a user's extracted folder that is not is used with a
+    warning, and never cached."""
+    files, arrays = make_cifar("cifar100")
+    official(monkeypatch, "cifar100", files, None)  # the folder's files are official ...
+    archive = make_cifar_archive("cifar100", files)  # ... but this archive's md5 is not
+    (tmp_path / "mine.tar.gz").write_bytes(archive)
+    with pytest.raises(ds.DatasetUnavailableError, match=r"not the official .* extract it"):
+        ds.load_dataset("cifar100", tmp_path / "cache", tmp_path / "mine.tar.gz")
+
+    folder = tmp_path / "extracted" / "cifar-100-python"
+    write_files(folder, files)
+    assert_cifar(ds.load_dataset("cifar100", tmp_path / "cache", folder.parent), arrays)
+    assert "differ" not in caplog.text
+
+    changed, changed_arrays = make_cifar("cifar100", seed=1)  # e.g. the user's own subset
+    write_files(folder, changed)
+    with caplog.at_level(logging.WARNING, logger=ds.__name__):
+        assert_cifar(ds.load_dataset("cifar100", tmp_path / "cache", folder), changed_arrays)
+    assert "train, test differ from the official cifar100 files" in caplog.text
+    assert not (tmp_path / "cache" / "cifar100" / "arrays.npz").exists()
+    with pytest.raises(ds.DatasetUnavailableError, match="does not exist"):
+        ds.load_dataset("cifar100", tmp_path / "cache", tmp_path / "nowhere")
+
+
+def test_cifar_unverified_folder_in_raw_is_used_but_not_cached(tmp_path, caplog):
+    files, arrays = make_cifar("cifar10")  # md5s are not the official ones
+    write_files(tmp_path / "cifar10" / "raw" / "cifar-10-batches-py", files)
+    with caplog.at_level(logging.WARNING, logger=ds.__name__):
+        assert_cifar(ds.load_dataset("cifar10", tmp_path), arrays)
+    assert "differ from the official cifar10 files" in caplog.text
+    assert not (tmp_path / "cifar10" / "arrays.npz").exists()
+
+
+def test_cifar_malicious_batch_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    files, _ = make_cifar("cifar10", n_train=2, n_test=1)
+    files["data_batch_3"] = pickle.dumps({b"data": Evil(marker)}, protocol=4)
+    archive = make_cifar_archive("cifar10", files)
+    official(monkeypatch, "cifar10", files, archive)
+    write_files(tmp_path / "cifar10" / "raw", {"cifar-10-python.tar.gz": archive})
+    with pytest.raises(ds.DatasetUnavailableError, match=r"refusing to unpickle .*system"):
+        ds.load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_malformed_batch_is_a_clear_error():
+    files, _ = make_cifar("cifar10", n_train=2, n_test=1)
+    bad = {**files, "test_batch": py2_pickle({b"data": np.zeros((1, 3072), np.uint8)})}
+    with pytest.raises(ValueError, match="test_batch: no 'labels' in the batch"):
+        ds.cifar_arrays("cifar10", bad)
+    bad = {**files, "test_batch": py2_pickle({b"data": np.zeros((1, 100), np.uint8)})}
+    with pytest.raises(ValueError, match="not 3072"):
+        ds.cifar_arrays("cifar10", bad)
+
+
+def test_cifar_corrupted_cache_is_refetched(tmp_path, monkeypatch, caplog):
+    files, arrays = make_cifar("cifar10")
+    archive = make_cifar_archive("cifar10", files)
+    official(monkeypatch, "cifar10", files, archive)
+    write_files(tmp_path / "cifar10" / "raw", {"cifar-10-python.tar.gz": archive})
+    ds.load_dataset("cifar10", tmp_path)
+    cache = tmp_path / "cifar10" / "arrays.npz"
+    with np.load(cache) as f:
+        saved = {k: f[k] for k in f.files}
+    saved["x_train"][0, 0, 0, 0] ^= 1  # a well-formed cache whose content no longer matches
+    np.savez(cache, **saved)
+    with caplog.at_level(logging.WARNING, logger=ds.__name__):
+        assert_cifar(ds.load_dataset("cifar10", tmp_path), arrays)
+    assert "corrupted dataset cache" in caplog.text
+
+
+def test_path_only_for_cifar(tmp_path):
+    with pytest.raises(ValueError, match="cifar10, cifar100 only"):
+        ds.load_dataset("mnist", tmp_path, tmp_path)

@@ -1,7 +1,14 @@
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_cfg
+from torch.func import functional_call, grad, vmap
 
+from clrun import models
 from clrun.benchmarks import Experience
+from clrun.config import ConfigError, build
 from clrun.models import MASKED, IncrementalClassifier, MultiHeadClassifier, adapt_model, cnn, mlp
 
 
@@ -89,3 +96,144 @@ def test_cnn_forward_backward_with_every_head():
         adapt_model(model, e)
         train_step(model, e)
         assert model(torch.rand(2, 1, 6, 6), torch.zeros(2, dtype=torch.long)).shape == (2, 4)
+
+
+# ---------------------------------------------------------------- CIFAR backbones, any module + head
+
+IMAGE_MODELS = {  # small widths where the architecture allows: fast on a CPU
+    "cnn": lambda shape, n, head: cnn(shape, n, head=head, channels=[4]),
+    "resnet18_reduced": lambda shape, n, head: models.resnet18_reduced(shape, n, head=head, nf=4),
+    "resnet18": models.resnet18,
+    "resnet32": models.resnet32,
+    "mobilenet_v1": lambda shape, n, head: models.mobilenet_v1(
+        shape, n, head=head, width_multiplier=0.25
+    ),
+}
+
+
+def two_tasks() -> Experience:
+    y = torch.tensor([0, 1, 2, 3])
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    return Experience(0, x, y, torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("head", ["single", "incremental", "multi"])
+@pytest.mark.parametrize("name", sorted(IMAGE_MODELS))
+def test_image_models_forward_backward_with_every_head(name, head):
+    torch.manual_seed(0)
+    model = IMAGE_MODELS[name]((3, 8, 8), 4, head)
+    adapt_model(model, two_tasks())
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    assert out.shape == (2, 4)
+    F.cross_entropy(out, torch.tensor([0, 2])).backward()
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_MODELS))
+def test_image_models_per_sample_grads_in_eval_mode(name):
+    """EWC's Fisher: per-sample gradients through functional_call + vmap, BatchNorm in eval."""
+    torch.manual_seed(0)
+    model = IMAGE_MODELS[name]((3, 8, 8), 4, "multi")
+    adapt_model(model, two_tasks())
+    model.eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def nll(p, xi, yi, ti):
+        o = functional_call(model, (p, buffers), (xi.unsqueeze(0), ti.unsqueeze(0)))
+        return F.cross_entropy(o, yi.unsqueeze(0))
+
+    x, y, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 2]), torch.tensor([0, 1])
+    grads = vmap(grad(nll), in_dims=(None, 0, 0, 0))(params, x, y, t)
+    alone = grad(nll)(params, x[1], y[1], t[1])  # the gradient on that sample alone
+    for k, p in params.items():
+        assert grads[k].shape == (2, *p.shape)
+        assert torch.allclose(grads[k][1], alone[k], atol=1e-5), k
+
+
+def test_reference_architectures():
+    count = lambda m: sum(p.numel() for p in m.backbone.parameters())  # noqa: E731
+    gem = models.resnet18_reduced((3, 32, 32), 10)
+    assert gem.head.linear.in_features == 160 and 1.0e6 < count(gem) < 1.1e6
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in gem.modules())
+    assert gem.backbone.conv1.kernel_size == (3, 3) and gem.backbone.conv1.stride == (1, 1)
+    r18 = models.resnet18((3, 32, 32), 10)
+    assert r18.head.linear.in_features == 512 and 11.0e6 < count(r18) < 11.2e6
+    r32 = models.resnet32((3, 32, 32), 100)
+    assert r32.head.linear.in_features == 64 and [len(s) for s in r32.backbone.stages] == [5, 5, 5]
+    assert 0.45e6 < count(r32) < 0.47e6
+    mb = models.mobilenet_v1((3, 32, 32), 10)
+    assert mb.head.linear.in_features == 1024 and 3.1e6 < count(mb) < 3.3e6
+    # 32×32 inputs end on a 4×4 map in GEM's net: the global pool is its avg_pool2d(out, 4)
+    feats = gem.backbone.stages(
+        torch.relu(gem.backbone.bn1(gem.backbone.conv1(torch.rand(1, 3, 32, 32))))
+    )
+    assert feats.shape[-2:] == (4, 4)
+
+
+def test_conv_models_reject_flat_inputs_and_mlp_takes_them():
+    for name in ("cnn", "resnet18_reduced", "resnet32", "mobilenet_v1"):
+        with pytest.raises(ValueError, match=rf"model={name} needs image inputs \(C, H, W\)"):
+            getattr(models, name)((12,), 3)
+    assert mlp((12,), 3, hidden_sizes=[5])(torch.rand(2, 12)).shape == (2, 3)
+
+
+def test_with_head_replaces_a_nested_classifier_and_adapt_model_finds_it():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.Flatten(),
+        torch.nn.Sequential(torch.nn.Linear(4 * 6 * 6, 8), torch.nn.ReLU(),
+                            torch.nn.Sequential(torch.nn.Linear(8, 4))),
+    )  # fmt: skip
+    hidden = net[2][0].weight.detach().clone()
+    model = models.as_multitask(net)
+    assert isinstance(net[2][2][0], torch.nn.Identity)  # the final Linear, two levels down
+    assert isinstance(model.head, MultiHeadClassifier) and model.head.in_features == 8
+    assert torch.equal(model.backbone[2][0].weight, hidden)  # the rest is kept
+    wrapper = torch.nn.ModuleDict({"inner": torch.nn.ModuleList([model])})  # nested deeper still
+    assert adapt_model(wrapper, two_tasks())
+    assert len(model.head.heads) == 2
+    out = model(torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 1]))
+    assert out.shape == (3, 4) and torch.all(out[0, 2:] == MASKED)
+    inc = models.with_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), 9,
+                           head="incremental")  # fmt: skip
+    assert isinstance(inc.head, IncrementalClassifier) and inc.head.n_classes == 9
+    named = models.with_head(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)),
+                             head="single", classifier="0")  # fmt: skip
+    assert isinstance(named.backbone[0], torch.nn.Identity) and named.head.linear.in_features == 3
+    with pytest.raises(ValueError, match="has no nn.Linear classifier"):
+        models.as_multitask(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_torchvision_model_without_torchvision(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    with pytest.raises(
+        ValueError, match=r"model=torchvision \(model.name=resnet50\) needs torchvision"
+    ):
+        models.torchvision_model((3, 32, 32), 10, name="resnet50")
+    cfg = make_cfg("model=torchvision", "model.name=resnet50")
+    with pytest.raises(ConfigError, match=r"pip install 'clrun\[vision\]'") as info:
+        build(cfg.model, "model", input_shape=(3, 32, 32), n_classes=10)
+    assert str(info.value).startswith("model=torchvision (model.name=resnet50)")
+    # everything else still works
+    assert build(make_cfg("model=resnet32").model, "model", input_shape=(3, 8, 8), n_classes=4)
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_torchvision(), reason="needs an importable torchvision")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_model_with_our_heads(name):
+    for head in ("single", "multi"):
+        model = models.torchvision_model((1, 32, 32), 4, head=head, name=name)
+        adapt_model(model, two_tasks())
+        assert model(torch.rand(2, 1, 32, 32), torch.tensor([0, 1])).shape == (2, 4)
+    with pytest.raises(ValueError, match="resnet51"):
+        models.torchvision_model((3, 32, 32), 4, name="resnet51")

@@ -107,3 +107,17 @@ def test_nan_loss_fails_the_run_naming_the_step(run_debug, tmp_path):
         run_debug(
             "+strategy.components.nan._target_=killer.NaNAt", "+strategy.components.nan.step=17"
         )
+
+
+def test_online_stream_and_augmentation_resume_bit_identically(run_debug, tmp_path):
+    """Mini-experiences, per-original-experience evaluation and the benchmark's augmentation
+    generator all survive a SIGKILL."""
+    overrides = ("strategy=replay", "benchmark.online=true", "benchmark.online_batch_size=50",
+                 "benchmark.augment=true", *KILLER)  # fmt: skip
+    reference, ref_dir = run_debug(*overrides)
+    run_dir = tmp_path / "killed"
+    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
+              kill_at=f"{reference['steps'] // 2 + 1}:SIGKILL")  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    run_debug(*overrides, run_dir=run_dir)
+    assert_same_run(ref_dir, run_dir)
