@@ -164,7 +164,7 @@ def build(node: DictConfig, key: str, **run_objects: Any) -> Any:
     except InstantiationException as e:
         cause = e.__cause__ or e
         if not isinstance(cause, ValueError | TypeError):
-            raise
+            raise cause from None  # e.g. a dataset that cannot be obtained: its own message
         message = str(cause) if str(cause).startswith(key) else f"{key}: {cause}"
         raise ConfigError(message + _interpolation_hint(node, str(cause))) from None
 
