@@ -2,23 +2,43 @@
 
 The task function returns the final average accuracy so that Hydra sweepers (Optuna) can
 optimise it. User errors (a bad value, a mistyped key) exit with status 2 and one line on stderr;
-the run directory still gets a ``summary.json`` saying ``failed`` and why.
+the run directory still gets a ``summary.json`` saying ``failed`` and why. ``summary.json``
+records the job's command-line overrides (``overrides``).
+
+In a multirun (``-m``, or a sweeper preset) every job runs whatever the others do:
+
+- a job whose directory already holds a ``completed`` summary for the same overrides (ignoring
+  the run-management keys ``resume``, ``threads``, ``data_dir``, ``checkpoint``) is skipped, so
+  re-running a sweep command into the same ``hydra.sweep.dir`` only runs what is missing or
+  failed;
+- a failing job is recorded (``summary.json``: ``failed``) and logged, and returns None, which
+  the Optuna sweeper records as a failed trial (NaN would crash optuna 2.10's ``tell``); the
+  sweep goes on. A job stopped by a signal (Ctrl-C, SIGTERM) stops the sweep with status 3;
+  the same command continues it (``resume=auto`` picks up the stopped job's checkpoint);
+- after the sweep, ``clrun`` exits with status 1 and lists the runs of the sweep directory that
+  did not complete;
+- under the joblib launcher with ``threads=null``, each job gets cores // n_jobs torch threads.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer")
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 3
+EXIT_JOBS_FAILED = 1
+
+log = logging.getLogger("clrun")
 
 
 def config_dir() -> Path:
@@ -35,18 +55,38 @@ def _main(cfg: DictConfig) -> float | None:
     from clrun.run import run
 
     hc = HydraConfig.get()
-    choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
-    try:
-        summary = run(cfg, hc.runtime.output_dir, choices)
-    except ConfigError as e:
-        print(f"clrun: error: {e}", file=sys.stderr)
-        if hc.mode == RunMode.RUN:
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    # The summary spreads these into its own fields: the chosen options and the overrides.
+    choices = {**{g: hc.runtime.choices.get(g) for g in GROUPS}, "overrides": overrides}
+    if hc.mode != RunMode.MULTIRUN:
+        try:
+            return run(cfg, run_dir, choices)["final_avg_acc"]
+        except ConfigError as e:
+            print(f"clrun: error: {e}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
-        raise
-    except RunInterrupted as e:
-        print(f"clrun: {e}; checkpoint saved, continue with the same command", file=sys.stderr)
+        except RunInterrupted as e:
+            print(f"clrun: {e}; checkpoint saved, continue with the same command", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+
+    job = f"job #{hc.job.num} ({' '.join(overrides) or 'no overrides'})"
+    done = _completed_summary(run_dir, overrides)
+    if done is not None:
+        log.info("%s: skipped, %s already holds a completed run of it", job, run_dir)
+        return done.get("final_avg_acc")
+    _share_cores_between_jobs(cfg, hc)
+    try:
+        return run(cfg, run_dir, choices)["final_avg_acc"]
+    except RunInterrupted as e:  # Ctrl-C or SIGTERM: the whole sweep stops (SystemExit)
+        print(
+            f"clrun: {job} {e}; checkpoint saved. The same command continues the sweep: "
+            "completed jobs are skipped, this one resumes",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_INTERRUPTED)
-    return summary["final_avg_acc"]
+    except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
+        log.error("%s failed: %s: %s", job, type(e).__name__, e)
+        return None
 
 
 def main() -> None:
@@ -56,6 +96,62 @@ def main() -> None:
         print(f"clrun: error: {message}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     _main()
+
+
+class SweepOutcome(Callback):
+    """Hydra callback: after all jobs of a multirun ran, exit with status 1 (listing them) if
+    a run of the sweep directory did not complete."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from clrun.report import find_runs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = find_runs([sweep_dir]) if sweep_dir.is_dir() else []
+        bad = [r for r in runs if r.status != "completed"]
+        if bad:
+            print(
+                f"clrun: {len(bad)} of {len(runs)} runs in {sweep_dir} did not complete:",
+                file=sys.stderr,
+            )
+            for r in bad:
+                print(f"  {r.dir}: {r.status}{': ' + r.error if r.error else ''}", file=sys.stderr)
+            sys.exit(EXIT_JOBS_FAILED)
+
+
+def _job_key(overrides: list[str]) -> list[str]:
+    """What identifies a job: its overrides, less those that do not change its results."""
+    from clrun.report import RUN_MANAGEMENT_KEYS, top_key
+
+    return sorted(o for o in overrides if top_key(o) not in RUN_MANAGEMENT_KEYS)
+
+
+def _completed_summary(run_dir: Path, overrides: list[str]) -> dict | None:
+    """The summary in ``run_dir`` if it records a completed run of the same overrides. Hydra has
+    already rewritten ``.hydra/overrides.yaml`` for this job, so the summary's copy is compared."""
+    from clrun.report import read_summary
+
+    summary = read_summary(run_dir)
+    if not summary or summary.get("status") != "completed" or "overrides" not in summary:
+        return None
+    if _job_key(summary["overrides"]) == _job_key(overrides):
+        return summary
+    log.warning("%s holds a run of other overrides: %s", run_dir, " ".join(summary["overrides"]))
+    return None
+
+
+def _share_cores_between_jobs(cfg: DictConfig, hc) -> None:
+    """The joblib launcher runs n_jobs jobs at once on this machine: with ``threads=null`` give
+    each job cores // n_jobs torch threads, so that the jobs do not oversubscribe the cores."""
+    target = str(OmegaConf.select(hc, "launcher._target_", default=""))
+    if cfg.get("threads") is not None or not target.endswith("JoblibLauncher"):
+        return
+    from joblib import cpu_count
+
+    cores, n_jobs = cpu_count(), hc.launcher.get("n_jobs") or 1
+    if n_jobs < 0:  # joblib's convention: -1 = all cores, -2 = all but one, ...
+        n_jobs = max(1, cores + 1 + n_jobs)
+    cfg.threads = max(1, cores // n_jobs)
+    log.info("joblib launcher, %d jobs on %d cores: threads=%d", n_jobs, cores, cfg.threads)
 
 
 def _check_override_keys(argv: list[str]) -> str | None:
@@ -76,8 +172,8 @@ def _check_override_keys(argv: list[str]) -> str | None:
         return None
     probe, keys = [], []
     for o in overrides:
-        if o.key_or_group.startswith("hydra"):
-            continue
+        if o.key_or_group.startswith("hydra") or o.is_interval_sweep():
+            continue  # interval() (Optuna) has no first value: left to the sweeper
         value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else None
         probe.append(
             f"{o.input_line.split('=', 1)[0]}={value}" if value is not None else o.input_line

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install clrun (editable, with the test tools) into the current Python environment.
+# Install clrun (editable, with the test tools and the sweep extra: Hydra's joblib and submitit
+# launchers and Optuna sweeper, which the sweep tests use) into the current Python environment.
 # Keeps a torch that is already installed; otherwise installs torch 2.13.0 (on a machine with
 # the local CPU wheel, that one: no CUDA packages are pulled in).
 set -euo pipefail
@@ -8,4 +9,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0" numpy
 fi
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[dev,sweep]"

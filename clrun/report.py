@@ -1,0 +1,305 @@
+"""``clrun-report``: one table and three plots from any number of run and sweep directories.
+
+    clrun-report outputs/multirun/2026-11-24/10-00-00        # writes report.md/.csv/*.png there
+    clrun-report outputs/multirun/a outputs/multirun/b --out results/
+
+Every folder below the given directories that holds a ``summary.json`` (or Hydra's ``.hydra/``)
+is a run. Completed runs are grouped by their overrides less ``seed``, ``hydra.*`` and the
+run-management keys (``resume``, ``threads``, ``data_dir``, ``checkpoint``): a group is one
+configuration over seeds. Each metric is reported as mean ± sample standard deviation (ddof=1)
+over the group's runs, with n. Runs that failed, were interrupted, are still running or have no
+summary are listed apart, so a partial sweep reports what has finished.
+
+Plots: ``final_acc.png`` (final average accuracy per group, error bars = std), ``acc_curves.png``
+(average accuracy on the experiences seen so far after each experience, mean ± std band) and
+``acc_matrices.png`` (each group's mean accuracy matrix R[i][j]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clrun.io import write_atomic
+
+# Top-level keys that do not change a run's results (the runner's RUN_MANAGEMENT_KEYS, which
+# may differ between a run and its resumption; kept here so that the report does not load torch).
+RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint")
+NOT_A_GROUP_KEY = ("seed", "hydra", *RUN_MANAGEMENT_KEYS)
+METRICS = {  # summary.json field → column title
+    "final_avg_acc": "final avg acc",
+    "forgetting": "forgetting",
+    "bwt": "BWT",
+    "fwt": "FWT",
+    "wall_time_s": "wall time (s)",
+}
+
+
+@dataclass
+class Run:
+    dir: Path
+    summary: dict = field(default_factory=dict)  # empty when there is no summary.json
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:  # completed | failed | interrupted | running | missing
+        return self.summary.get("status", "missing")
+
+    @property
+    def error(self) -> str:
+        return (str(self.summary.get("error") or "").splitlines() or [""])[0]
+
+    @property
+    def group(self) -> str:
+        keep = sorted(o for o in self.overrides if top_key(o) not in NOT_A_GROUP_KEY)
+        return " ".join(keep) or "(no overrides)"
+
+    def acc_matrix(self) -> np.ndarray | None:
+        path = self.dir / "acc_matrix.csv"
+        return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2) if path.exists() else None
+
+
+def top_key(override: str) -> str:
+    """The top-level key or group of an override: ``+strategy.alpha=2`` → ``strategy``."""
+    return override.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_runs(dirs: list[Path]) -> list[Run]:
+    """Every run below ``dirs``, in natural path order (job 2 before job 10)."""
+    found: set[Path] = set()
+    for d in map(Path, dirs):
+        found |= {p.parent for p in d.rglob("summary.json")}
+        found |= {p.parent for p in d.rglob(".hydra") if p.is_dir()}
+    runs = []
+    for run_dir in sorted(
+        found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+    ):
+        summary = read_summary(run_dir) or {}
+        overrides = summary.get("overrides")
+        if overrides is None and (run_dir / ".hydra" / "overrides.yaml").exists():
+            from omegaconf import OmegaConf
+
+            overrides = OmegaConf.to_container(
+                OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+            )
+        runs.append(Run(run_dir, summary, [str(o) for o in overrides or []]))
+    return runs
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Completed runs by group, groups in the order their first run was found."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.status == "completed":
+            groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; NaN for one value) and count, ignoring None."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table_rows(groups: dict[str, list[Run]]) -> list[dict]:
+    rows = []
+    for name, runs in groups.items():
+        row: dict = {"group": name, "n": len(runs)}
+        for key in METRICS:
+            row[key] = mean_std([r.summary.get(key) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def markdown(
+    runs: list[Run], rows: list[dict], dirs: list[Path], out: Path, plots: list[str]
+) -> str:
+    done = sum(r.status == "completed" for r in runs)
+    lines = [
+        "# clrun report",
+        "",
+        f"{len(runs)} runs in {', '.join(map(str, dirs))}: {done} completed, "
+        f"{len(runs) - done} not completed. Each cell: mean ± sample std (ddof=1) over the "
+        "group's completed runs (runs that differ only in seed); n runs.",
+        "",
+        "| group | n | " + " | ".join(METRICS.values()) + " |",
+        "| --- | ---: |" + " ---: |" * len(METRICS),
+    ]
+    for row in rows:
+        cells = [_fmt(*row[k][:2], 1 if k == "wall_time_s" else 3) for k in METRICS]
+        lines.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    bad = [r for r in runs if r.status != "completed"]
+    if bad:
+        lines += ["", "## Runs that did not complete", "", "| run | status | overrides | error |"]
+        lines.append("| --- | --- | --- | --- |")
+        for r in bad:
+            where = os.path.relpath(r.dir, out)
+            error = r.error.replace("|", "\\|")
+            lines.append(f"| {where} | {r.status} | {' '.join(r.overrides)} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["group", "n"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std", "n")])
+    for row in rows:
+        writer.writerow([row["group"], row["n"]] + [v for k in METRICS for v in row[k]])
+    write_atomic(path, buf.getvalue())
+
+
+def plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
+    """Write the three plots; return their file names."""
+    if not groups:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {
+        "final_acc.png": _final_acc_bars,
+        "acc_curves.png": _acc_curves,
+        "acc_matrices.png": _mean_acc_matrices,
+    }
+    for name, draw in plots.items():
+        fig = draw(plt, groups)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        write_atomic(out / name, buf.getvalue())
+    return list(plots)
+
+
+def _final_acc_bars(plt, groups: dict[str, list[Run]]):
+    """One bar per group: mean final average accuracy, error bar = std."""
+    stats = [mean_std([r.summary.get("final_avg_acc") for r in runs]) for runs in groups.values()]
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.4 * len(groups)))
+    xerr = [0 if math.isnan(s) else s for _, s, _ in stats]
+    ax.barh(range(len(groups)), [m for m, _, _ in stats], xerr=xerr, capsize=4)
+    labels = [f"{g} (n={n})" for g, (_, _, n) in zip(groups, stats, strict=True)]
+    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("final average accuracy (mean ± std over seeds)")
+    return fig
+
+
+def _stacked_matrices(runs: list[Run]) -> np.ndarray | None:
+    """The accuracy matrices of a group's runs, (runs, i, j); runs of another shape left out."""
+    Rs = [R for R in (r.acc_matrix() for r in runs) if R is not None]
+    if not Rs:
+        return None
+    shapes = [R.shape for R in Rs]
+    return np.stack([R for R in Rs if R.shape == max(shapes, key=shapes.count)])
+
+
+def _acc_curves(plt, groups: dict[str, list[Run]]):
+    """Average accuracy on the experiences seen so far, after each experience: mean ± std."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in groups.items():
+        Rs = _stacked_matrices(runs)
+        if Rs is None:
+            continue
+        curves = np.array([[R[i, : i + 1].mean() for i in range(len(R))] for R in Rs])
+        x, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
+        ax.plot(x, mean, marker="o", label=f"{name} (n={len(Rs)})")
+        if len(Rs) > 1:
+            std = curves.std(0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_xticks(x)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("average accuracy on seen experiences")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _mean_acc_matrices(plt, groups: dict[str, list[Run]]):
+    """One heatmap per group: the mean over its runs of R[i][j]."""
+    shown = [
+        (n, Rs.mean(0))
+        for n, Rs in ((n, _stacked_matrices(r)) for n, r in groups.items())
+        if Rs is not None
+    ]
+    cols = max(1, min(4, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(shown) :]:
+        ax.axis("off")
+    for ax, (name, R) in zip(axes.flat, shown, strict=False):
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), a in np.ndenumerate(R):
+            color = "white" if a < 0.6 else "black"
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6, color=color)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("evaluated on experience j", fontsize=7)
+        ax.set_ylabel("trained through experience i", fontsize=7)
+    return fig
+
+
+def report(dirs: list[Path], out: Path | None = None) -> str:
+    """Write report.md, report.csv and the plots to ``out`` (default: the first directory);
+    return the Markdown. A ValueError if no run is found."""
+    dirs = [Path(d) for d in dirs]
+    out = Path(out or dirs[0])
+    runs = find_runs(dirs)
+    if not runs:
+        raise ValueError(f"no runs (summary.json or .hydra/) below {', '.join(map(str, dirs))}")
+    groups = group_runs(runs)
+    rows = table_rows(groups)
+    text = markdown(runs, rows, dirs, out, plot(groups, out))
+    write_atomic(out / "report.md", text)
+    write_csv(rows, out / "report.csv")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="clrun-report",
+        description="Aggregate clrun run and sweep directories: mean ± std over seeds per config.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories")
+    parser.add_argument(
+        "--out", type=Path, help="folder for report.md, report.csv and the plots (default: DIRS[0])"
+    )
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        parser.error(f"not a directory: {', '.join(missing)}")
+    try:
+        print(report(args.dirs, args.out), end="")
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"written to {args.out or args.dirs[0]}: report.md, report.csv, *.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
