@@ -460,6 +460,31 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
+def _split_dataset(
+    name: str,
+    dataset: str,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+    *,
+    data_dir: str | None,
+    augment: bool,
+    online: bool,
+    online_batch_size: int,
+    flip: bool = True,
+    path: str | None = None,
+    **split: object,
+) -> Benchmark:
+    """A stored dataset split by class, with the options every benchmark shares. The public
+    functions below pass their arguments straight through (``**locals()``)."""
+    from clrun.datasets import load_dataset
+
+    data = load_dataset(dataset, data_dir, path)
+    b = split_by_class(name, data, mean=mean, std=std, **split)
+    return _finish(
+        b, augment=augment, flip=flip, online=online, online_batch_size=online_batch_size
+    )
+
+
 def split_mnist(
     scenario: str = "class",
     n_experiences: int = 5,
@@ -471,23 +496,8 @@ def split_mnist(
     online_batch_size: int = 10,
 ) -> Benchmark:
     """Split MNIST: the 10 digits in ``n_experiences`` experiences of disjoint classes."""
-    from clrun.datasets import load_dataset
-
-    data = load_dataset("mnist", data_dir)
-    b = split_by_class(
-        "split_mnist",
-        data,
-        scenario=scenario,
-        n_experiences=n_experiences,
-        class_order=class_order,
-        seed=seed,
-        mean=MNIST_MEAN,
-        std=MNIST_STD,
-    )
-    # no flips: a mirrored digit is another symbol
-    return _finish(
-        b, augment=augment, flip=False, online=online, online_batch_size=online_batch_size
-    )
+    # no flips when augmenting: a mirrored digit is another symbol
+    return _split_dataset("split_mnist", "mnist", MNIST_MEAN, MNIST_STD, flip=False, **locals())
 
 
 def split_fmnist(
@@ -501,20 +511,7 @@ def split_fmnist(
     online_batch_size: int = 10,
 ) -> Benchmark:
     """Split Fashion-MNIST: the 10 clothing classes in experiences of disjoint classes."""
-    from clrun.datasets import load_dataset
-
-    data = load_dataset("fashion_mnist", data_dir)
-    b = split_by_class(
-        "split_fmnist",
-        data,
-        scenario=scenario,
-        n_experiences=n_experiences,
-        class_order=class_order,
-        seed=seed,
-        mean=FMNIST_MEAN,
-        std=FMNIST_STD,
-    )
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _split_dataset("split_fmnist", "fashion_mnist", FMNIST_MEAN, FMNIST_STD, **locals())
 
 
 def split_cifar10(
@@ -529,20 +526,7 @@ def split_cifar10(
     online_batch_size: int = 10,
 ) -> Benchmark:
     """Split CIFAR-10: the 10 classes in ``n_experiences`` experiences (5×2 by default)."""
-    from clrun.datasets import load_dataset
-
-    data = load_dataset("cifar10", data_dir, path)
-    b = split_by_class(
-        "split_cifar10",
-        data,
-        scenario=scenario,
-        n_experiences=n_experiences,
-        class_order=class_order,
-        seed=seed,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
-    )
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _split_dataset("split_cifar10", "cifar10", CIFAR10_MEAN, CIFAR10_STD, **locals())
 
 
 def split_cifar100(
