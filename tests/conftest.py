@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 from clrun.cli import config_dir
 
 CONF = config_dir()
+ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment")
 
 
@@ -45,3 +49,11 @@ def run_debug(tmp_path: Path):
         return run(cfg, run_dir, choices), run_dir
 
     return _run
+
+
+def clrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+    """The ``clrun`` command in a subprocess (this checkout and tests/ importable)."""
+    path = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                          timeout=timeout)  # fmt: skip

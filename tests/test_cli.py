@@ -8,19 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import clrun
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def clrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "clrun", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize(

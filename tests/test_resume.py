@@ -2,15 +2,14 @@
 run; SIGTERM checkpoints and exits cleanly; bad checkpoints and changed configs are refused."""
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import clrun as run_clrun
 from conftest import options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,11 +17,7 @@ KILLER = ("+strategy.components.zkill._target_=killer.KillAt", "checkpoint.every
 
 
 def clrun(*args: str, cwd: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    if kill_at:
-        env["CLRUN_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return run_clrun(*args, cwd=cwd, env={"CLRUN_TEST_KILL_AT": kill_at} if kill_at else None)
 
 
 def final_state(run_dir: Path) -> dict:

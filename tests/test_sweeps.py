@@ -13,23 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF
+from conftest import CONF, clrun
 from hydra import compose, initialize_config_dir
 
 from clrun.cli import _job_key
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def clrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "clrun", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})},
-        timeout=600,
-    )
 
 
 def summaries(sweep: Path) -> dict[str, dict]:
