@@ -91,11 +91,17 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point (``clrun`` and ``python -m clrun``)."""
-    message = _check_override_keys(sys.argv[1:])
-    if message:
-        print(f"clrun: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
-    _main()
+    argv = sys.argv[1:]
+    try:
+        _main()
+    except SystemExit as e:
+        # Hydra exits with 1 after its own message when composition fails; if an unknown key
+        # was the cause, add which keys exist (composing again only then: it costs ~0.1 s).
+        message = _check_override_keys(argv) if e.code == 1 else None
+        if message:
+            print(f"clrun: error: {message}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
+        raise
 
 
 class SweepOutcome(Callback):
