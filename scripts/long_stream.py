@@ -27,11 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(strategy: str, n: int, iterations: int, threads: int) -> dict:
+def measure(strategy: str, n: int, iterations: int, threads: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "clrun", "benchmark=permuted_mnist",
                f"benchmark.n_experiences={n}", f"strategy={strategy}",
-               f"strategy.iterations={iterations}", f"threads={threads}", f"hydra.run.dir={tmp}"]  # fmt: skip
+               f"strategy.iterations={iterations}", f"threads={threads}", f"hydra.run.dir={tmp}",
+               *extra]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         timings = torch.load(Path(tmp) / "checkpoint" / "state.pt", weights_only=True)["recorder"][
             "timings"
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--experiences", type=int, default=50)
     ap.add_argument("--iterations", type=int, default=100, help="minibatch steps per experience")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "overrides", nargs="*", help="more clrun overrides, e.g. model.hidden_sizes=[100]"
+    )
     a = ap.parse_args()
     print(
         f"permuted MNIST, {a.experiences} experiences, {a.iterations} steps each, {a.threads} threads\n"
@@ -66,7 +70,7 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for s in a.strategies.split(","):
-        r = measure(s, a.experiences, a.iterations, a.threads)
+        r = measure(s, a.experiences, a.iterations, a.threads, a.overrides)
         print(f"| {s} | {r['rss_5']:.0f} | {r['rss_last']:.0f} | {r['growth_pct']:+.1f}% "
               f"| {r['train_s_early']:.3f} | {r['train_s_late']:.3f} |", flush=True)  # fmt: skip
 
