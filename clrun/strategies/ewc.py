@@ -20,10 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._per_sample import sum_per_sample_grads
 
 MODES = ("separate", "online")
 FISHERS = ("empirical", "sampled")
@@ -88,31 +88,24 @@ class EWC:
         self.terms.append({"fisher": fisher, "params": params})
 
     def _fisher(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
-        model = state.model
-        was_training = model.training
-        model.eval()
-        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        buffers = dict(model.named_buffers())
-
-        def nll(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
-            out = functional_call(model, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
-            return F.cross_entropy(out, y.unsqueeze(0))
-
-        per_sample_grads = vmap(grad(nll), in_dims=(None, 0, 0, 0))
         n = len(exp) if self.fisher_samples is None else min(len(exp), int(self.fisher_samples))
-        order = torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
-        fisher = {k: torch.zeros_like(v) for k, v in params.items()}
-        for start in range(0, n, self.fisher_batch_size):
-            b = exp.subset(order[start : start + self.fisher_batch_size])
-            x = state.benchmark.prepare(b.x, b.e)
-            y = b.y
-            if self.fisher == "sampled":
-                with torch.no_grad():
-                    probs = F.softmax(model(x, b.t), dim=-1).cpu()
-                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(y.device)
-            for k, g in per_sample_grads(params, x, y, b.t).items():
-                fisher[k] += g.pow(2).sum(0)
-        model.train(was_training)
+        samples = exp.subset(
+            torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
+        )
+        if self.fisher == "sampled":  # labels drawn from the model's predictive distribution
+            was_training = state.model.training
+            state.model.eval()
+            with torch.no_grad():
+                logits = torch.cat([
+                    state.model(state.benchmark.prepare(b.x, b.e), b.t)
+                    for b in (samples.subset(torch.arange(i, min(i + 256, n))) for i in range(0, n, 256))
+                ])  # fmt: skip
+            state.model.train(was_training)
+            y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)
+            samples = Experience(samples.index, samples.x, y.squeeze(1).to(samples.y.device),
+                                 samples.t, samples.e)  # fmt: skip
+        fisher = sum_per_sample_grads(state, samples, F.cross_entropy, torch.square,
+                                      self.fisher_batch_size)  # fmt: skip
         return {k: f / max(n, 1) for k, f in fisher.items()}
 
     def state_dict(self) -> dict:

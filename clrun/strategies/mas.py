@@ -20,10 +20,10 @@ import math
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._per_sample import sum_per_sample_grads
 
 
 def _number(v: object) -> bool:
@@ -91,28 +91,13 @@ class MAS:
 
     def _importance(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
         """Mean over the experience's samples of |∂‖f(x)‖² / ∂θ|, one gradient per sample."""
-        model = state.model
-        was_training = model.training
-        model.eval()
-        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        buffers = dict(model.named_buffers())
-
-        def squared_norm(p: dict, x: Tensor, t: Tensor) -> Tensor:
-            out = functional_call(model, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
-            return out.pow(2).sum()
-
-        per_sample_grads = vmap(grad(squared_norm), in_dims=(None, 0, 0))
         n = len(exp) if self.importance_samples is None else min(len(exp), self.importance_samples)
         if n < len(exp):
-            order = torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
-        else:
-            order = torch.arange(n, device=exp.y.device)
-        omega = {k: torch.zeros_like(v) for k, v in params.items()}
-        for i in range(0, n, self.importance_batch_size):  # torch.func ignores the outer no_grad
-            b = exp.subset(order[i : i + self.importance_batch_size])
-            for k, g in per_sample_grads(params, state.benchmark.prepare(b.x, b.e), b.t).items():
-                omega[k] += g.abs().sum(0)
-        model.train(was_training)
+            exp = exp.subset(
+                torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
+            )
+        omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(), torch.abs,
+                                     self.importance_batch_size)  # fmt: skip
         return {k: v / max(n, 1) for k, v in omega.items()}
 
     def state_dict(self) -> dict:
