@@ -1,0 +1,233 @@
+"""Run ``conf/experiment/`` presets and compare them with the numbers their papers publish.
+
+    python scripts/reproduce.py --all --seeds 0,1,2                 # every preset, 3 seeds each
+    python scripts/reproduce.py --presets vandeven2022_splitmnist_class_er --seeds 0
+    python scripts/reproduce.py --all --quick                        # smoke check: 2 steps per experience
+    python scripts/reproduce.py --all --seeds 0 --override device=cuda
+
+Each (preset, seed) runs as its own process, ``clrun experiment=<preset> seed=<s> threads=<t>
+hydra.run.dir=<out>/<preset>/seed<s>``, one after the other (``--quick`` runs go to
+``<out>/quick/``). A run directory whose ``summary.json`` records a completed run of the same seed
+and overrides (``threads`` and the other run-management keys aside) is reused (``--force`` reruns
+it), so the same command continues an interrupted reproduction; ``--report-only`` runs nothing. The script then reads every ``summary.json`` and
+prints a Markdown table (also written to ``<out>/reproduce.md``): preset, metric, our mean ± std
+(n seeds), the published mean ± spread, the difference, and a verdict.
+
+Published numbers live in one place: each preset's header, on one line the tests check,
+
+    # published: final_avg_acc 88.79 ± 0.20 % (s.e.m. over 20 seeds)
+
+(``<metric of summary.json> <mean> ± <spread> % (s.e.m.|std over <n> seeds)``). The runner never
+reads it; the config stays free of keys that no code reads.
+
+Verdict. The difference is compared with its standard error: the published s.e.m. combined with
+ours, std/√n, where with fewer than two seeds of ours the published per-seed std (s.e.m.·√n)
+stands in for our std. ``within noise`` when |difference| ≤ 2 standard errors, otherwise ``off``.
+``--quick`` runs are smoke checks (2 steps per experience, small Fisher/importance samples): the
+table says ``quick`` instead of a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "conf" / "experiment"
+RUN_MANAGEMENT = ("resume", "threads", "data_dir", "checkpoint", "hydra", "seed")
+PUBLISHED = re.compile(
+    r"^# published: (?P<metric>\w+) (?P<mean>-?[\d.]+) ± (?P<spread>[\d.]+) (?P<pct>%)? ?"
+    r"\((?P<kind>s\.e\.m\.|std) over (?P<n>\d+) seeds\)\s*$",
+    re.MULTILINE,
+)
+# --quick: overrides applied when the preset's composed config has the key
+QUICK = {"strategy.iterations": 2, "strategy.fisher_samples": 32, "strategy.importance_samples": 32}
+
+
+@dataclass
+class Published:
+    metric: str  # a field of summary.json
+    mean: float  # as a fraction, like summary.json
+    spread: float  # the published ± (fraction)
+    kind: str  # "s.e.m." | "std"
+    n: int  # seeds behind the published number
+
+    @property
+    def sem(self) -> float:
+        return self.spread if self.kind == "s.e.m." else self.spread / math.sqrt(self.n)
+
+    @property
+    def seed_std(self) -> float:
+        return self.spread * math.sqrt(self.n) if self.kind == "s.e.m." else self.spread
+
+    def text(self) -> str:
+        return f"{100 * self.mean:.2f} ± {100 * self.spread:.2f} ({self.kind}, n={self.n})"
+
+
+def presets() -> list[str]:
+    """Every preset of the experiment group (``protocol/`` holds shared bases, not presets)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def published(preset: str) -> Published:
+    """The ``# published:`` line of a preset's header."""
+    text = (PRESETS / f"{preset}.yaml").read_text()
+    m = PUBLISHED.search(text)
+    if m is None:
+        raise ValueError(
+            f"conf/experiment/{preset}.yaml has no line '# published: <metric> <mean> ± <spread> "
+            "% (s.e.m.|std over <n> seeds)'"
+        )
+    scale = 0.01 if m["pct"] else 1.0
+    return Published(m["metric"], float(m["mean"]) * scale, float(m["spread"]) * scale,
+                     m["kind"], int(m["n"]))  # fmt: skip
+
+
+def quick_overrides(preset: str) -> list[str]:
+    """The QUICK overrides whose keys exist in the preset's composed config."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"])
+    missing = object()
+    return [f"{k}={v}" for k, v in QUICK.items() if OmegaConf.select(cfg, k, default=missing)
+            is not missing]  # fmt: skip
+
+
+def job_key(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.split("=", 1)[0].split(".")[0] not in RUN_MANAGEMENT)
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(preset: str, seed: int, run_dir: Path, overrides: list[str], threads: int,
+            force: bool) -> dict | None:  # fmt: skip
+    """Run (or reuse) one preset and seed; return its summary (None if it did not complete)."""
+    args = [f"experiment={preset}", f"seed={seed}", *overrides]
+    done = read_summary(run_dir)
+    same = (
+        done is not None
+        and done.get("seed") == seed
+        and job_key(done.get("overrides", [])) == job_key(args)
+    )
+    if not force and same and done.get("status") == "completed":
+        print(f"  {preset} seed {seed}: reused {run_dir}", flush=True)
+        return done
+    cmd = [sys.executable, "-m", "clrun", *args, f"threads={threads}",
+           f"hydra.run.dir={run_dir}", *(["resume=false"] if force else [])]  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ)
+    summary = read_summary(run_dir)
+    status = summary.get("status") if summary else "no summary"
+    print(f"  {preset} seed {seed}: {status} in {time.perf_counter() - t0:.0f}s"
+          + ("" if p.returncode == 0 else f" (exit {p.returncode}, see {run_dir}.log)"),
+          flush=True)  # fmt: skip
+    return summary if p.returncode == 0 and status == "completed" else None
+
+
+def verdict(ours: list[float], pub: Published) -> tuple[float, str]:
+    """(our mean − published mean, verdict) as explained in the module docstring."""
+    mean = statistics.fmean(ours)
+    our_std = statistics.stdev(ours) if len(ours) >= 2 else pub.seed_std
+    se = math.sqrt(pub.sem**2 + our_std**2 / len(ours))
+    diff = mean - pub.mean
+    z = abs(diff) / se if se > 0 else math.inf
+    return diff, ("within noise" if z <= 2 else "off") + f" ({z:.1f} s.e.)"
+
+
+def table(results: dict[str, list[float]], failed: dict[str, int], quick: bool) -> str:
+    lines = [
+        "| preset | metric | ours: mean ± std (n) | published: mean ± spread | difference | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for preset, values in results.items():
+        pub = published(preset)
+        if not values:
+            v = "failed" if failed.get(preset) else "not run"
+            lines.append(f"| {preset} | {pub.metric} | no completed run | {pub.text()} | | {v} |")
+            continue
+        std = f"{100 * statistics.stdev(values):.2f}" if len(values) >= 2 else "–"
+        ours = f"{100 * statistics.fmean(values):.2f} ± {std} (n={len(values)})"
+        diff, v = verdict(values, pub)
+        if quick:
+            v = "quick (smoke check, not comparable)"
+        if failed.get(preset):
+            v += f"; {failed[preset]} run(s) failed"
+        lines.append(
+            f"| {preset} | {pub.metric} | {ours} | {pub.text()} | {100 * diff:+.2f} | {v} |"
+        )
+    return "\n".join(lines) + "\n\nAll accuracies in %; spreads as published.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--presets", help="comma-separated preset names (conf/experiment/*.yaml)")
+    which.add_argument("--all", action="store_true", help="every preset")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    ap.add_argument("--out", default="outputs/reproduce", help="root of the run directories")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke check: 2 steps per experience, small Fisher/importance samples")  # fmt: skip
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra clrun override for every run (repeatable), e.g. device=cuda")  # fmt: skip
+    ap.add_argument("--force", action="store_true", help="rerun runs that already completed")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: tabulate what exists")
+    a = ap.parse_args(argv)
+
+    names = presets() if a.all else [p.strip() for p in a.presets.split(",") if p.strip()]
+    unknown = [p for p in names if p not in presets()]
+    if unknown:
+        ap.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(presets())}")
+    for p in names:
+        published(p)  # every preset names its published number before anything runs
+    seeds = [int(s) for s in a.seeds.split(",")]
+    out = Path(a.out) / ("quick" if a.quick else "")
+    if not out.is_absolute():
+        out = Path.cwd() / out
+
+    results: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for p in names:
+        overrides = (quick_overrides(p) if a.quick else []) + a.override
+        metric = published(p).metric
+        results[p] = []
+        for s in seeds:
+            run_dir = out / p / f"seed{s}"
+            if a.report_only:
+                summary = read_summary(run_dir)
+                summary = summary if summary and summary.get("status") == "completed" else None
+            else:
+                summary = run_one(p, s, run_dir, overrides, a.threads, a.force)
+            if summary is None or summary.get(metric) is None:
+                if not a.report_only:
+                    failed[p] = failed.get(p, 0) + 1
+            else:
+                results[p].append(float(summary[metric]))
+    report = table(results, failed, a.quick)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reproduce.md").write_text(report)
+    print()
+    print(report)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

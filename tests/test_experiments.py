@@ -1,0 +1,114 @@
+"""The experiment presets (conf/experiment/) and scripts/reproduce.py.
+
+Every preset composes and validates, says in its header how to run it and what its paper
+published, and sets what it claims to (the protocol it shares with its base); reproduce.py runs a
+preset end to end and tabulates it against the published number.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import CONF, compose_with_choices, make_cfg, options
+
+from clrun.config import validate
+
+ROOT = CONF.parent
+PRESETS = options("experiment")
+
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules["reproduce"] = reproduce  # dataclasses look their module up while it executes
+spec.loader.exec_module(reproduce)
+
+
+def test_there_are_presets_and_the_script_sees_the_same():
+    assert PRESETS, "conf/experiment/ has no presets"
+    assert reproduce.presets() == PRESETS
+    assert not (CONF / "experiment" / ".gitkeep").exists()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_and_validates(preset):
+    cfg, choices = compose_with_choices(f"experiment={preset}")
+    validate(cfg)
+    # a preset overrides the groups: whatever the primary config's defaults are, it stands alone
+    assert choices["benchmark"] and choices["strategy"] and choices["model"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_header_names_its_command_and_published_number(preset):
+    text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+    header = text.split("\ndefaults:")[0]
+    assert header.startswith("# @package _global_\n")
+    assert f"clrun experiment={preset}\n" in header, "the header must give the exact command"
+    pub = reproduce.published(preset)
+    assert pub.metric in {"final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt"}
+    assert 0 <= pub.mean <= 1 and pub.spread >= 0 and pub.n >= 1
+    assert reproduce.PUBLISHED.search(header), "the published line belongs to the header"
+
+
+def test_vandeven2022_presets_share_the_protocol():
+    for preset in (p for p in PRESETS if p.startswith("vandeven2022_splitmnist_class_")):
+        cfg = make_cfg(f"experiment={preset}")
+        assert cfg.benchmark._target_ == "clrun.benchmarks.split_mnist"
+        assert cfg.benchmark.scenario == "class" and cfg.model.head == "incremental"
+        assert list(cfg.model.hidden_sizes) == [400, 400]
+        assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.001
+        assert cfg.strategy.batch_size == 128
+        assert cfg.strategy.iterations == (10000 if preset.endswith("_joint") else 2000)
+
+
+def test_an_override_after_the_preset_wins():
+    cfg = make_cfg("experiment=vandeven2022_splitmnist_class_si", "strategy.si_lambda=1")
+    assert cfg.strategy.si_lambda == 1 and cfg.strategy.components.si.si_lambda == 1
+
+
+def test_published_line_parsing_and_verdict():
+    pub = reproduce.published("vandeven2022_splitmnist_class_er")
+    assert (pub.metric, pub.kind, pub.n) == ("final_avg_acc", "s.e.m.", 20)
+    assert pub.mean == pytest.approx(0.8879) and pub.spread == pytest.approx(0.0020)
+    assert pub.seed_std == pytest.approx(0.0020 * 20**0.5)
+    # n = 1: the published per-seed std stands in for ours, se = sem·√21 ≈ 0.0092
+    assert reproduce.verdict([0.8879 + 0.015], pub)[1].startswith("within noise")
+    assert reproduce.verdict([0.8879 - 0.03], pub)[1].startswith("off")
+    # several seeds: our own std counts
+    diff, v = reproduce.verdict([0.80, 0.81, 0.79], pub)
+    assert diff == pytest.approx(-0.0879) and v.startswith("off")
+
+
+def _run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)  # fmt: skip
+
+
+def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
+    """One preset, one seed, 2 steps per experience, on the synthetic benchmark (no MNIST)."""
+    preset = "vandeven2022_splitmnist_class_none"
+    args = ["--presets", preset, "--seeds", "0", "--quick", "--out", str(tmp_path),
+            "--override", "benchmark=synthetic"]  # fmt: skip
+    p = _run_script(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((tmp_path / "quick" / preset / "seed0" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["benchmark"] == "synthetic"
+    assert summary["steps"] == 5 * 2
+    assert f"| {preset} | final_avg_acc |" in p.stdout and "19.89 ± 0.02" in p.stdout
+    assert (tmp_path / "quick" / "reproduce.md").read_text() in p.stdout
+    again = _run_script(*args)  # the same command reuses the completed run
+    assert again.returncode == 0 and "reused" in again.stdout
+
+
+def test_reproduce_rejects_an_unknown_preset(tmp_path):
+    p = _run_script("--presets", "no_such_preset", "--out", str(tmp_path), timeout=60)
+    assert p.returncode == 2 and "unknown preset" in p.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_quick_every_preset_on_mnist(tmp_path):
+    """Every preset with its real benchmark, 2 steps per experience (MNIST from the cache)."""
+    p = _run_script("--all", "--quick", "--out", str(tmp_path), timeout=1800)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for preset in PRESETS:
+        assert f"| {preset} |" in p.stdout
