@@ -404,3 +404,20 @@ def test_memory_round_trip_gives_identical_projection(make):
         c.after_backward(state)
         projected.append([p.grad.clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*projected, strict=True))
+
+
+def test_si_total_gradient_variant_differs_from_the_papers_task_gradient(run_debug):
+    """``si_gradient=total`` integrates the penalty's gradient too: from the second experience
+    on the importances (and so the results) differ from the paper's task-gradient SI."""
+    task, task_dir = run_debug(
+        "strategy=si", "strategy.si_lambda=5", "checkpoint.every_n_steps=1000"
+    )
+    total, total_dir = run_debug(
+        "strategy=si", "strategy.si_lambda=5", "strategy.si_gradient=total"
+    )
+    assert task["status"] == total["status"] == "completed"
+    omega = [torch.load(d / "checkpoint" / "state.pt", weights_only=True)["components"]["si"]["importance"]
+             for d in (task_dir, total_dir)]  # fmt: skip
+    assert any(not torch.equal(omega[0][k], omega[1][k]) for k in omega[0])
+    with pytest.raises(ValueError, match="gradient"):
+        SI(gradient="both")

@@ -8,7 +8,7 @@ Adam and weight decay included). ``post_update``: Ω ← max(0, Ω + ω / (Δ² 
 parameter's total change over the experience; then θ* ← θ and ω ← 0. ``penalty``:
 ``si_lambda`` · Σ Ω (θ − θ*)² (c and ξ in the paper; no ½, as in the paper).
 
-Which gradient. The paper integrates the gradient of the task loss, without the surrogate term
+Which gradient (``gradient``: ``task``, the default, or ``total``). The paper integrates the gradient of the task loss, without the surrogate term
 (the authors' code uses its ``unreg_grads``); van de Ven's and Avalanche's implementations use the
 gradient of the total loss. We follow the paper, exactly: ``penalty`` returns the penalty's value
 without a graph, so ``loss.backward()`` leaves in ``p.grad`` the gradient of everything else in the
@@ -45,12 +45,14 @@ def _old(shape: torch.Size) -> tuple[slice, ...]:
 
 
 class SI:
-    def __init__(self, si_lambda: float = 1.0, xi: float = 1e-3):
+    def __init__(self, si_lambda: float = 1.0, xi: float = 1e-3, gradient: str = "task"):
         if not _number(si_lambda) or si_lambda < 0:
             raise ValueError(f"SI si_lambda={si_lambda!r} must be a finite number ≥ 0")
         if not _number(xi) or xi <= 0:
             raise ValueError(f"SI xi={xi!r} must be a finite number > 0")
-        self.si_lambda, self.xi = float(si_lambda), float(xi)
+        if gradient not in ("task", "total"):
+            raise ValueError(f"SI gradient={gradient!r} is not one of task, total")
+        self.si_lambda, self.xi, self.gradient = float(si_lambda), float(xi), gradient
         self.importance: dict[str, Tensor] = {}  # Ω
         self.anchor: dict[str, Tensor] = {}  # θ*
         self.path: dict[str, Tensor] = {}  # ω of the experience being trained
@@ -79,14 +81,20 @@ class SI:
             self.path = {n: torch.zeros_like(p) for n, p in params}
         self._grad, self._before = {}, {}
         for name, p in params:
-            if p.grad is not None and name in self.path:  # g: the loss without SI's penalty
-                self._grad[name], self._before[name] = p.grad.clone(), p.detach().clone()
+            if self.gradient == "task":  # g: the loss without SI's penalty (the paper)
+                self._record(name, p)
             omega = self.importance.get(name)
             if omega is not None and self.si_lambda != 0:  # now the penalty's gradient
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 old = _old(omega.shape)
                 p.grad[old] += (2 * self.si_lambda) * omega * (p[old] - self.anchor[name])
+            if self.gradient == "total":  # g: the whole loss (van de Ven's and Avalanche's code)
+                self._record(name, p)
+
+    def _record(self, name: str, p: Tensor) -> None:
+        if p.grad is not None and name in self.path:
+            self._grad[name], self._before[name] = p.grad.clone(), p.detach().clone()
 
     @torch.no_grad()
     def after_step(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> None:
