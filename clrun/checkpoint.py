@@ -22,11 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clrun.config import ConfigError
-from clrun.io import write_atomic
+from clrun.io import flatten, write_atomic
 
 FILE = "checkpoint/state.pt"
 # Keys that may differ between a run and its resumption.
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint")
+RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint", "logger")
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +80,7 @@ def load_for_resume(cfg: DictConfig, run_dir: Path, device: torch.device) -> dic
 
 
 def check_same_config(saved: dict, cfg: DictConfig) -> None:
-    flat_saved, flat_now = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat_saved, flat_now = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
     diff = [
         f"{k}: checkpoint {flat_saved.get(k)!r}, now {flat_now.get(k)!r}"
         for k in sorted(set(flat_saved) | set(flat_now))
@@ -92,11 +92,3 @@ def check_same_config(saved: dict, cfg: DictConfig) -> None:
             + "; ".join(diff)
             + " (use resume=false to start afresh)"
         )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out

@@ -109,3 +109,16 @@ class Components:
         for name, c in self.items.items():
             if hasattr(c, "load_state_dict"):
                 c.load_state_dict(state[name])
+
+
+def rebuild_optimizer(
+    make_optimizer, model: nn.Module, old: torch.optim.Optimizer, keep_state: bool
+) -> torch.optim.Optimizer:
+    """A new optimiser over the model's current parameters; parameters that survived keep
+    their optimiser state (momentum, Adam moments) unless ``keep_state`` is false."""
+    new = make_optimizer(model.parameters())
+    if keep_state:
+        for p in model.parameters():
+            if p in old.state:
+                new.state[p] = old.state[p]
+    return new

@@ -139,7 +139,10 @@ def check_signature(node: DictConfig, key: str) -> Callable:
     for k in node:
         if k in RESERVED or k in own or k in params:
             continue
-        allowed = sorted(set(params) - {"self", "buffer", "seed", "input_shape", "n_classes"})
+        allowed = sorted(
+            set(params)
+            - {"self", "buffer", "seed", "input_shape", "n_classes", "run_dir", "run_config"}
+        )
         close = difflib.get_close_matches(str(k), allowed, n=1)
         hint = f" (did you mean {key}.{close[0]}?)" if close else ""
         raise ConfigError(

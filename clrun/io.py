@@ -26,3 +26,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}: config keys as a user writes them on the command line."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out

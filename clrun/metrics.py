@@ -116,13 +116,11 @@ class Work:
     def __init__(self) -> None:
         self.steps, self.samples, self.loss_sum, self.train_s = 0, 0, 0.0, 0.0
 
-    def add(self, steps: int, samples: int, mean_loss: float, seconds: float) -> None:
-        self.steps, self.samples, self.train_s = (
-            self.steps + steps,
-            self.samples + samples,
-            self.train_s + seconds,
-        )
-        self.loss_sum += mean_loss * steps if steps else 0.0
+    def add(self, steps: int, samples: int, losses, seconds: float) -> None:
+        """One training pass: its step count, samples, per-step losses (a tensor), seconds."""
+        self.steps, self.samples = self.steps + steps, self.samples + samples
+        self.train_s += seconds
+        self.loss_sum += float(losses.sum()) if steps else 0.0
 
     def take(self) -> dict:
         mean = self.loss_sum / self.steps if self.steps else float("nan")

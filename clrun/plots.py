@@ -25,32 +25,32 @@ def _pyplot():
     return plt
 
 
-def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
+def heatmap(R: np.ndarray, title: str):
+    """The accuracy matrix R[i][j] as a matplotlib figure."""
     plt = _pyplot()
-
     n_rows, T = R.shape
     cell = min(0.6, 12 / T)  # long streams: smaller cells, no numbers
     fig, ax = plt.subplots(figsize=(2.2 + cell * T, 1.4 + cell * n_rows), layout="constrained")
     im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
     for i in range(n_rows if T <= 20 else 0):
         for j in range(T):
-            ax.text(
-                j,
-                i,
-                f"{R[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if R[i, j] < 0.6 else "black",
-            )
+            color = "white" if R[i, j] < 0.6 else "black"
+            ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("evaluated on experience j")
     ax.set_ylabel("trained through experience i")
     ax.set_xticks(range(0, T, max(1, T // 20)))
     ax.set_yticks(range(0, n_rows, max(1, T // 20)))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy")
+    return fig
+
+
+def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
+    plt = _pyplot()
+    fig = heatmap(R, title)
     _save(fig, run_dir / "acc_matrix.png")
     plt.close(fig)
+    n_rows, T = R.shape
 
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     steps = np.arange(n_rows)

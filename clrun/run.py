@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from clrun import checkpoint, plots
 from clrun.benchmarks import Experience
-from clrun.components import Components, RunState
+from clrun.components import Components, RunState, rebuild_optimizer
 from clrun.config import ConfigError, build, resolve_device, validate
-from clrun.io import write_json
+from clrun.io import flatten, write_json
+from clrun.loggers import NoLogger
 from clrun.metrics import Recorder, Work, current_rss_mb, run_summary
 from clrun.models import adapt_model
 from clrun.preemption import RunInterrupted, StopSignal
@@ -36,7 +37,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
     written to ``summary.json`` (``status: failed`` / ``interrupted``) before it propagates."""
     run_dir, t_start = Path(run_dir), time.perf_counter()
     summary: dict = {"status": "running", **(choices or {}), "seed": cfg.get("seed")}
-    recorder, stop = None, None
+    recorder, stop, logger = None, None, NoLogger()
     try:
         validate(cfg)
         device = resolve_device(cfg.device)
@@ -68,6 +69,9 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         recorder = Recorder(run_dir, len(benchmark.test_stream))  # one column per test experience
         work = Work()  # steps, samples, seconds since the last evaluation
         every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
+        if cfg.get("logger"):  # the config goes flat: no nested _target_ for Hydra to build
+            config = flatten(OmegaConf.to_container(cfg, resolve=True))
+            logger = build(cfg.logger, "logger", run_dir=str(run_dir), run_config=config)
 
         def save(next_experience: int, position: dict | None = None) -> None:
             checkpoint.save(run_dir, {
@@ -119,15 +123,18 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                     hook(state, exp)
                 reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
                 if adapt_model(model, data) or reset:
-                    state.optimizer = _rebuild(make_optimizer, model, state.optimizer, not reset)
+                    state.optimizer = rebuild_optimizer(
+                        make_optimizer, model, state.optimizer, not reset
+                    )
                 state.reset_optimizer = False
 
             t0 = time.perf_counter()
-            done = train_experience(state, data, components, gen, s, on_step, position)
+            steps, samples, losses = train_experience(state, data, components, gen, s, on_step, position)  # fmt: skip
             position = None
             for hook in components["post_update"]:
                 hook(state, exp)
-            work.add(*done, time.perf_counter() - t0)
+            work.add(steps, samples, losses, time.perf_counter() - t0)
+            logger.log_steps(state.step - steps, losses)
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
                 i, t1 = benchmark.origin(exp.index), time.perf_counter()
                 results = evaluate(state, components, s.eval_batch_size)
@@ -135,6 +142,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                                          "eval_s": time.perf_counter() - t1,
                                          "rss_mb": current_rss_mb()})  # fmt: skip
                 recorder.record(i, results)
+                logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
                 seen, w = [r["acc"] for r in results[: i + 1]], recorder.timings[-1]
                 log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
                          i + 1, len(benchmark.test_stream), w["steps"], w["train_s"],
@@ -146,6 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         summary.update(status="completed", **run_summary(recorder, t_start, device))
         write_json(run_dir / "summary.json", summary)
         plots.plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
+        logger.close(summary)
         return summary
     except BaseException as e:
         stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
@@ -157,6 +166,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         if recorder is not None and recorder.rows:
             summary.update(run_summary(recorder, t_start))
         write_json(run_dir / "summary.json", summary)
+        logger.close(summary)
         raise
     finally:
         if stop is not None:
@@ -165,13 +175,13 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
 
 def train_experience(state: RunState, data: Experience, components: Components,
                      gen: torch.Generator, s: DictConfig, on_step: Callable,
-                     resume_at: dict | None = None) -> tuple[int, int, float]:  # fmt: skip
+                     resume_at: dict | None = None) -> tuple[int, int, torch.Tensor]:  # fmt: skip
     """Train on one experience: ``s.epochs`` passes over ``data`` in seeded random order, or
     exactly ``s.iterations`` minibatch steps if set. ``resume_at`` continues a checkpointed
-    position inside the experience. Returns (steps, samples seen, mean training loss)."""
+    position inside the experience. Returns (steps, samples seen, the loss of every step)."""
     n, bs, model, device = len(data), s.batch_size, state.model, state.device
     if n == 0:
-        return 0, 0, float("nan")
+        return 0, 0, torch.zeros(0)
     total = s.iterations or s.epochs * math.ceil(n / bs)
     loss_fn = components["loss"][-1] if components["loss"] else _cross_entropy
     losses = torch.zeros(total, device=device)  # read once, at the end: no per-step host sync
@@ -220,7 +230,7 @@ def train_experience(state: RunState, data: Experience, components: Components,
             f"the training loss became {losses[bad[0]].item()} at step {state.step - total + bad[0] + 1}"
             f" of the run (experience {data.index}); lower optimizer.lr or check the data"
         )
-    return step, samples, float(losses.mean())
+    return step, samples, losses
 
 
 @torch.inference_mode()
@@ -252,18 +262,6 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
 
 def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):
     return F.cross_entropy(out, batch.y)
-
-
-def _rebuild(make_optimizer, model: torch.nn.Module, old: torch.optim.Optimizer,
-             keep_state: bool) -> torch.optim.Optimizer:  # fmt: skip
-    """A new optimiser over the model's current parameters; parameters that survived keep
-    their optimiser state (momentum, Adam moments) unless ``keep_state`` is false."""
-    new = make_optimizer(model.parameters())
-    if keep_state:
-        for p in model.parameters():
-            if p in old.state:
-                new.state[p] = old.state[p]
-    return new
 
 
 def _title(choices: dict[str, str] | None, cfg: DictConfig) -> str:

@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0" numpy
 fi
-"$PY" -m pip install -q -e ".[dev,sweep]"
+"$PY" -m pip install -q -e ".[dev,sweep,loggers]"
