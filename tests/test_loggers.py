@@ -22,8 +22,9 @@ def test_tensorboard_logger_writes_steps_experiences_and_hparams(run_debug):
     assert "acc_matrix" in events.Tags()["images"]
 
 
-def test_mlflow_logger_records_params_metrics_and_artifacts(run_debug, tmp_path):
+def test_mlflow_logger_records_params_metrics_and_artifacts(run_debug, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow", reason='pip install -e ".[loggers]"')
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary, run_dir = run_debug("logger=mlflow", f"logger.tracking_uri={uri}", "seed=3")
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
