@@ -121,21 +121,13 @@ def _setup(scenario: str = "class", head: str = "single") -> RunState:
 
 
 def _step(state: RunState, components: Components, batch: Experience) -> None:
-    """One training step, hook by hook in the runner's order (clrun/run.py)."""
-    x = state.benchmark.prepare(batch.x, batch.e, train=True)
-    out = state.model(x, batch.t)
-    loss = F.cross_entropy(out, batch.y)
-    for hook in components["penalty"]:
-        term = hook(state, batch, x, out)
-        if term is not None:
-            loss = loss + term
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for hook in components["after_backward"]:
-        hook(state)
-    state.optimizer.step()
-    for hook in components["after_step"]:
-        hook(state, batch, x, out)
+    """One training step of the runner itself, on exactly this batch."""
+    from omegaconf import OmegaConf
+
+    from clrun.run import train_experience
+
+    settings = OmegaConf.create({"batch_size": len(batch), "iterations": 1, "epochs": 1})
+    train_experience(state, batch, components, torch.Generator(), settings, lambda where: None)
 
 
 def _train(state: RunState, components: Components, exp: Experience, steps: int = 10, finish=True):
