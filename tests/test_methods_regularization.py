@@ -413,3 +413,28 @@ def test_si_total_gradient_variant_differs_from_the_papers_task_gradient(run_deb
     assert any(not torch.equal(omega[0][k], omega[1][k]) for k in omega[0])
     with pytest.raises(ValueError, match="gradient"):
         SI(gradient="both")
+
+
+@pytest.mark.parametrize("head", ["single", "incremental", "multi"])
+def test_linear_fast_path_equals_per_sample_vmap(head, monkeypatch):
+    """The (δ²)ᵀ(a²) shortcut for Linear layers gives the per-sample sums vmap gives."""
+    from clrun.strategies import _per_sample
+
+    state = _setup(scenario="task" if head == "multi" else "class", head=head)
+    for exp in state.benchmark.train_stream[:2]:
+        adapt_model(state.model, exp)
+    samples = state.benchmark.train_stream[1]
+
+    def nll(out, y):
+        return F.cross_entropy(out, y, reduction="none")
+
+    def norm(out, y):
+        return out.pow(2).sum(1)
+
+    for loss, reduce in ((nll, torch.square), (norm, torch.abs)):
+        fast = _per_sample.sum_per_sample_grads(state, samples, loss, reduce)
+        monkeypatch.setattr(_per_sample, "_all_linear", lambda m, p: False)
+        slow = _per_sample.sum_per_sample_grads(state, samples, loss, reduce)
+        monkeypatch.undo()
+        for k in slow:
+            assert torch.allclose(fast[k], slow[k], rtol=1e-4, atol=1e-6), k

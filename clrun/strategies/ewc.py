@@ -104,7 +104,8 @@ class EWC:
             y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)
             samples = Experience(samples.index, samples.x, y.squeeze(1).to(samples.y.device),
                                  samples.t, samples.e)  # fmt: skip
-        fisher = sum_per_sample_grads(state, samples, F.cross_entropy, torch.square,
+        nll = lambda out, y: F.cross_entropy(out, y, reduction="none")  # noqa: E731
+        fisher = sum_per_sample_grads(state, samples, nll, torch.square,
                                       self.fisher_batch_size)  # fmt: skip
         return {k: f / max(n, 1) for k, f in fisher.items()}
 

@@ -96,7 +96,7 @@ class MAS:
             exp = exp.subset(
                 torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
             )
-        omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(), torch.abs,
+        omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(1), torch.abs,
                                      self.importance_batch_size)  # fmt: skip
         return {k: v / max(n, 1) for k, v in omega.items()}
 
