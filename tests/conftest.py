@@ -57,3 +57,12 @@ def clrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": path, **(env or {})},
                           timeout=timeout)  # fmt: skip
+
+
+def has_torchvision() -> bool:
+    """torchvision from PyPI fails to import with the CPU torch wheel: tests needing it skip."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_with_choices, make_cfg
+from conftest import compose_with_choices, has_torchvision, make_cfg
 from test_datasets import make_cifar, make_cifar_archive, official, write_files
 
 from clrun import benchmarks as bm
@@ -355,15 +355,7 @@ def test_image_folder_without_torchvision(monkeypatch, tmp_path):
         build(cfg.benchmark, "benchmark")
 
 
-def _has_torchvision() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_torchvision(), reason="needs an importable torchvision")
+@pytest.mark.skipif(not has_torchvision(), reason="needs an importable torchvision")
 def test_image_folder_with_torchvision(tmp_path):
     from PIL import Image
 

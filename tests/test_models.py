@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg
+from conftest import has_torchvision, make_cfg
 from torch.func import functional_call, grad, vmap
 
 from clrun import models
@@ -220,15 +220,7 @@ def test_torchvision_model_without_torchvision(monkeypatch):
     assert build(make_cfg("model=resnet32").model, "model", input_shape=(3, 8, 8), n_classes=4)
 
 
-def _has_torchvision() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_torchvision(), reason="needs an importable torchvision")
+@pytest.mark.skipif(not has_torchvision(), reason="needs an importable torchvision")
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_model_with_our_heads(name):
     for head in ("single", "multi"):

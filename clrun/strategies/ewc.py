@@ -24,6 +24,7 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.strategies._per_sample import sum_per_sample_grads
+from clrun.strategies._quadratic import old_part, quadratic
 
 MODES = ("separate", "online")
 FISHERS = ("empirical", "sampled")
@@ -63,16 +64,7 @@ class EWC:
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if not self.terms or self.ewc_lambda == 0:
             return None
-        params = dict(state.model.named_parameters())
-        total = out.new_zeros((), dtype=torch.float32)  # accumulate in fp32 under bf16 autocast
-        for term in self.terms:
-            for name, fisher in term["fisher"].items():
-                p = params.get(name)
-                if p is None:
-                    continue
-                old = term["params"][name]
-                p = p[tuple(slice(0, s) for s in old.shape)] if p.shape != old.shape else p
-                total = total + (fisher * (p - old).pow(2)).sum()
+        total = sum(quadratic(state.model, t["fisher"], t["params"]) for t in self.terms)
         return 0.5 * self.ewc_lambda * total
 
     def post_update(self, state: RunState, exp: Experience) -> None:
@@ -83,7 +75,7 @@ class EWC:
             for name, f in fisher.items():
                 old = prev.get(name)
                 if old is not None:
-                    f[tuple(slice(0, s) for s in old.shape)] += self.decay_factor * old
+                    f[old_part(old.shape)] += self.decay_factor * old
             self.terms = []
         self.terms.append({"fisher": fisher, "params": params})
 

@@ -24,15 +24,12 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.strategies._per_sample import sum_per_sample_grads
+from clrun.strategies._quadratic import old_part as _old
+from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _old(shape: torch.Size) -> tuple[slice, ...]:
-    """Index of the part of a (possibly grown) parameter that had ``shape``."""
-    return tuple(slice(0, s) for s in shape)
 
 
 class MAS:
@@ -67,13 +64,7 @@ class MAS:
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if not self.importance or self.mas_lambda == 0:
             return None
-        total = out.new_zeros((), dtype=torch.float32)
-        for name, p in state.model.named_parameters():
-            omega = self.importance.get(name)
-            if omega is None:
-                continue
-            total = total + (omega * (p[_old(omega.shape)] - self.anchor[name]).pow(2)).sum()
-        return self.mas_lambda * total
+        return self.mas_lambda * quadratic(state.model, self.importance, self.anchor)
 
     @torch.no_grad()
     def post_update(self, state: RunState, exp: Experience) -> None:

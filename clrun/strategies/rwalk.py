@@ -40,15 +40,12 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._quadratic import old_part as _old
+from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _old(shape: torch.Size) -> tuple[slice, ...]:
-    """Index of the part of a (possibly grown) parameter that had ``shape``."""
-    return tuple(slice(0, s) for s in shape)
 
 
 def _fit(t: Tensor, like: Tensor) -> Tensor:
@@ -104,12 +101,7 @@ class RWalk:
         if not self.weights or self.ewc_lambda == 0:
             return None
         with torch.no_grad():  # its gradient is added in after_backward, once g is read
-            total = out.new_zeros((), dtype=torch.float32)
-            for name, p in state.model.named_parameters():
-                w = self.weights.get(name)
-                if w is not None:
-                    total += (w * (p[_old(w.shape)] - self.anchor[name]).pow(2)).sum()
-        return self.ewc_lambda * total
+            return self.ewc_lambda * quadratic(state.model, self.weights, self.anchor)
 
     @torch.no_grad()
     def after_backward(self, state: RunState) -> None:

@@ -33,15 +33,12 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._quadratic import old_part as _old
+from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _old(shape: torch.Size) -> tuple[slice, ...]:
-    """Index of the part of a (possibly grown) parameter that had ``shape``."""
-    return tuple(slice(0, s) for s in shape)
 
 
 class SI:
@@ -65,12 +62,7 @@ class SI:
         if not self.importance or self.si_lambda == 0:
             return None
         with torch.no_grad():  # its gradient is added in after_backward, once g is read
-            total = out.new_zeros((), dtype=torch.float32)
-            for name, p in state.model.named_parameters():
-                omega = self.importance.get(name)
-                if omega is not None:
-                    total += (omega * (p[_old(omega.shape)] - self.anchor[name]).pow(2)).sum()
-        return self.si_lambda * total
+            return self.si_lambda * quadratic(state.model, self.importance, self.anchor)
 
     @torch.no_grad()
     def after_backward(self, state: RunState) -> None:

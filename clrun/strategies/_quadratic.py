@@ -1,0 +1,27 @@
+"""The quadratic penalty Σ w (θ − θ*)² shared by EWC, SI, MAS and RWalk, for models that grow.
+
+A parameter that grew since its anchor θ* was taken (an incremental head got new units) is
+penalised on its old part only; parameters created later have no weight and no penalty.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def old_part(shape: torch.Size) -> tuple[slice, ...]:
+    """Index of the part of a (possibly grown) parameter that had ``shape``."""
+    return tuple(slice(0, s) for s in shape)
+
+
+def quadratic(model: nn.Module, weights: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
+    """Σ over the model's parameters of weights · (θ − anchor)², summed in float32 (also under
+    bf16 autocast). Differentiable; call it under ``no_grad`` for the value alone."""
+    device = next(iter(weights.values())).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for name, p in model.named_parameters():
+        w = weights.get(name)
+        if w is not None:
+            total = total + (w * (p[old_part(w.shape)] - anchor[name]).pow(2)).sum()
+    return total
