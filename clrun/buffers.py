@@ -121,6 +121,16 @@ class Buffer:
         """Keep only the samples where the boolean mask ``keep`` is true."""
         self.data = {f: v[keep] for f, v in self.data.items()}
 
+    def purge(self, experiences: list[int]) -> int:
+        """Remove every sample that came from one of ``experiences`` (continual unlearning);
+        returns how many were removed. The freed capacity fills with later samples."""
+        if not self.data:
+            return 0
+        e = self.data["e"]
+        gone = torch.isin(e, torch.tensor(list(experiences), dtype=e.dtype, device=e.device))
+        self.remove(~gone)
+        return int(gone.sum())
+
     def extend(self, new: Experience, **extra: Tensor) -> None:
         """Append samples (and their extra fields) as they are; the caller keeps the capacity."""
         incoming = self._incoming(new, extra)
@@ -257,6 +267,13 @@ class ClassBalancedBuffer(Buffer):
             self._select_random(pool)
         else:
             self._select_ranked(pool, n_old, features)
+
+    def purge(self, experiences: list[int]) -> int:
+        """As :meth:`Buffer.purge`; groups left without samples give their share back."""
+        removed = super().purge(experiences)
+        left = set(self.data[KEY_FIELD[self.groupby]].unique().tolist()) if self.data else set()
+        self.groups = [g for g in self.groups if g in left]
+        return removed
 
     def resize(self, max_size: int) -> None:
         self.max_size = max_size

@@ -20,6 +20,11 @@ hook                                called                                  retu
 ``after_step(state, batch, x, out)`` after the optimiser step               its own state
 ``post_update(state, exp)``         after training on an experience         its own state
 ``predict(state, x, t)``            at evaluation, if present               logits to score
+``forget(state, experiences)``      at an unlearning request, after the     what the component
+                                    run's buffer lost those experiences'    derived from those
+                                    samples                                 experiences
+``unlearn(state, experiences)``     at an unlearning request, after         the model: the
+                                    ``forget``                              unlearning method
 ==================================  ======================================  ======================
 
 ``batch`` is an :class:`~clrun.benchmarks.Experience` of raw samples (``x`` in its compact
@@ -58,6 +63,8 @@ HOOKS = (
     "after_step",
     "post_update",
     "predict",
+    "forget",
+    "unlearn",
 )
 
 
@@ -75,6 +82,7 @@ class RunState:
     reset_optimizer: bool = False  # set in pre_update to get a fresh optimiser (then cleared)
     precision: str = "fp32"  # fp32 | bf16: the forward pass and loss run under autocast
     channels_last: bool = False  # image inputs in channels-last memory format
+    buffer: object | None = None  # the run's replay buffer, if a component uses it
 
     def autocast(self):
         """The context the forward pass and losses run in (bf16 autocast or nothing)."""

@@ -74,6 +74,7 @@ class Recorder:
         self.initial: list[dict] = []  # evaluation of the untrained model (FWT baseline)
         self.rows: list[list[dict]] = []  # rows[i][j]: after training through experience i
         self.timings: list[dict] = []  # per experience: train/eval seconds, steps, samples
+        self.unlearned: list[dict] = []  # evaluations right after an unlearning request
 
     def record(self, trained_through: int, results: list[dict]) -> None:
         results = [
@@ -84,6 +85,21 @@ class Recorder:
         else:
             self.rows.append(results)
         self.flush()
+
+    def record_unlearning(self, after: int, forgotten: list[int], results: list[dict],
+                          seconds: float, info: dict) -> None:  # fmt: skip
+        """The evaluation right after forgetting ``forgotten`` (requested after experience
+        ``after``): rows of ``metrics.jsonl`` with ``"event": "unlearned"``."""
+        self.unlearned.append({"after_experience": after, "forgotten": list(forgotten),
+                               "results": results, "seconds": seconds, **info})  # fmt: skip
+        self.flush()
+
+    def final(self) -> list[dict]:
+        """The last evaluation of the run: after the last experience, or after an unlearning
+        request made right then."""
+        if self.unlearned and self.unlearned[-1]["after_experience"] == len(self.rows) - 1:
+            return self.unlearned[-1]["results"]
+        return self.rows[-1]
 
     @property
     def acc_matrix(self) -> np.ndarray:
@@ -96,7 +112,15 @@ class Recorder:
         return np.array([r["acc"] for r in self.initial], dtype=float)
 
     def flush(self) -> None:
-        lines = [json.dumps(r) for row in [self.initial, *self.rows] for r in row]
+        timeline = [self.initial]
+        for i, row in enumerate(self.rows):
+            timeline.append(row)
+            for u in self.unlearned:
+                if u["after_experience"] == i:
+                    timeline.append([{"trained_through": i, "eval_exp": j, "event": "unlearned",
+                                      "forgotten": u["forgotten"], **r}
+                                     for j, r in enumerate(u["results"])])  # fmt: skip
+        lines = [json.dumps(r) for row in timeline for r in row]
         write_atomic(self.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
         if self.rows:
             header = ",".join(f"exp{j}" for j in range(self.T))
@@ -104,10 +128,12 @@ class Recorder:
             write_atomic(self.run_dir / "acc_matrix.csv", header + "\n" + body + "\n")
 
     def state_dict(self) -> dict:
-        return {"initial": self.initial, "rows": self.rows, "timings": self.timings}
+        return {"initial": self.initial, "rows": self.rows, "timings": self.timings,
+                "unlearned": self.unlearned}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
+        self.unlearned = state.get("unlearned", [])
 
 
 class Work:

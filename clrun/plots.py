@@ -65,3 +65,52 @@ def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
     ax.legend(fontsize=7, ncol=2)
     _save(fig, run_dir / "acc_curve.png")
     plt.close(fig)
+
+
+def plot_unlearning(run_dir: Path, recorder, block: dict, title: str) -> None:
+    """``unlearning.png``: accuracy per test experience over the run's timeline with the
+    unlearning requests marked (forgotten experiences drawn thick) and, with a reference run,
+    each experience's final accuracy beside the reference model's."""
+    plt = _pyplot()
+    reference = block.get("reference")
+    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(11 if reference else 6.5, 4),
+                             layout="constrained", squeeze=False)  # fmt: skip
+    ax = axes[0][0]
+    labels, points = [], []  # one point per evaluation: after training i, after unlearning at i
+    for i, row in enumerate(recorder.rows):
+        labels.append(str(i))
+        points.append([r["acc"] for r in row])
+        for u in recorder.unlearned:
+            if u["after_experience"] == i:
+                ax.axvline(len(points) - 0.5, color="red", ls=":", lw=1)
+                labels.append(f"forget\n{','.join(map(str, u['forgotten']))}")
+                points.append([r["acc"] for r in u["results"]])
+    acc, forgotten = np.array(points), set(block.get("forgotten", []))
+    first = {j: labels.index(str(j)) for j in range(acc.shape[1]) if str(j) in labels}
+    for j, start in first.items():
+        x = np.arange(start, len(points))
+        ax.plot(x, acc[start:, j], marker="o", ms=3, lw=2.5 if j in forgotten else 1,
+                ls="--" if j in forgotten else "-",
+                label=f"exp {j}" + (" (forgotten)" if j in forgotten else ""))  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("trained through experience / unlearning request")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    if reference and "acc_diff" in reference:
+        ax = axes[0][1]
+        ours = np.array(reference["reference_acc"]) + np.array(reference["acc_diff"])
+        j = np.arange(len(ours))
+        ax.bar(j - 0.2, ours, 0.4, label="after unlearning (ours)")
+        ax.bar(j + 0.2, reference["reference_acc"], 0.4, label="reference: never trained on it")
+        ax.set_xticks(j, [f"{k}{'*' if k in forgotten else ''}" for k in j])
+        ax.set_xlabel("test experience (* forgotten)")
+        ax.set_ylabel("final test accuracy")
+        ax.set_ylim(0, 1.02)
+        js = ", ".join(f"exp {k}: JS {d['js_divergence']:.3f}, agree {d['agreement']:.2f}"
+                       for k, d in reference["forgotten"].items())  # fmt: skip
+        ax.set_title(f"final model vs reference ({js})", fontsize=8)
+        ax.legend(fontsize=7)
+    _save(fig, run_dir / "unlearning.png")
+    plt.close(fig)

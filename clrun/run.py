@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clrun import checkpoint, plots
+from clrun import checkpoint, plots, unlearning
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, rebuild_optimizer
 from clrun.config import ConfigError, build, resolve_device, validate
@@ -58,13 +58,16 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
             for name, node in (cfg.strategy.get("components") or {}).items() if node is not None
         })  # fmt: skip
-        if not any(getattr(c, "buffer", None) is buffer for c in components.items.values()):
+        uses_buffer = any(getattr(c, "buffer", None) is buffer for c in components.items.values())
+        if not uses_buffer:
             summary["buffer"] = None  # configured but used by no component
+        plan = unlearning.plan(cfg, len(benchmark.test_stream), components)
         make_optimizer = build(cfg.optimizer, "optimizer")
         s = cfg.strategy
         state = RunState(model, benchmark, device, batch_size=s.batch_size,
                          precision=cfg.get("precision", "fp32"),
-                         channels_last=bool(cfg.get("channels_last")))  # fmt: skip
+                         channels_last=bool(cfg.get("channels_last")),
+                         buffer=buffer if uses_buffer else None)  # fmt: skip
         state.optimizer = make_optimizer(model.parameters())
         recorder = Recorder(run_dir, len(benchmark.test_stream))  # one column per test experience
         work = Work()  # steps, samples, seconds since the last evaluation
@@ -113,8 +116,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 if stop.requested:
                     stop.hand_over()
 
-        for exp in benchmark.train_stream[start:]:
-            state.experience = exp.index
+        def learn(exp: Experience, position: dict | None) -> None:
             data = exp
             for hook in components["train_data"]:
                 data = hook(state, data)
@@ -127,14 +129,20 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                         make_optimizer, model, state.optimizer, not reset
                     )
                 state.reset_optimizer = False
-
             t0 = time.perf_counter()
             steps, samples, losses = train_experience(state, data, components, gen, s, on_step, position)  # fmt: skip
-            position = None
             for hook in components["post_update"]:
                 hook(state, exp)
             work.add(steps, samples, losses, time.perf_counter() - t0)
             logger.log_steps(state.step - steps, losses)
+
+        for exp in benchmark.train_stream[start:]:
+            state.experience = exp.index
+            if benchmark.origin(exp.index) not in plan.exclude:
+                learn(exp, position)
+            elif adapt_model(model, exp):  # a reference run: the units exist, never trained
+                state.optimizer = rebuild_optimizer(make_optimizer, model, state.optimizer, True)
+            position = None
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
                 i, t1 = benchmark.origin(exp.index), time.perf_counter()
                 results = evaluate(state, components, s.eval_batch_size)
@@ -147,13 +155,28 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
                          i + 1, len(benchmark.test_stream), w["steps"], w["train_s"],
                          w["train_loss"], sum(seen) / len(seen))  # fmt: skip
+                if plan.active and i in plan.requests:
+                    t1, forget = time.perf_counter(), plan.requests[i]
+                    info = unlearning.handle_request(state, components, forget)
+                    after = evaluate(state, components, s.eval_batch_size)
+                    recorder.record_unlearning(i, forget, after, time.perf_counter() - t1, info)
+                    log.info("after experience %d: forgot experiences %s", i + 1, forget)
             save(exp.index + 1)
             if stop.requested:
                 stop.hand_over()
 
         summary.update(status="completed", **run_summary(recorder, t_start, device))
+        summary.update(unlearning.summary(plan, recorder, components))
         write_json(run_dir / "summary.json", summary)
         plots.plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
+        if plan.active and plan.reference is not None:  # after the results are safe on disk
+            stop.restore()  # the reference run handles signals itself
+            summary["unlearning"]["reference"] = unlearning.against_reference(
+                cfg, plan, run_dir, choices, state, recorder
+            )
+            write_json(run_dir / "summary.json", summary)
+        if plan.active:
+            plots.plot_unlearning(run_dir, recorder, summary["unlearning"], _title(choices, cfg))
         logger.close(summary)
         return summary
     except BaseException as e:

@@ -4,6 +4,7 @@ Each component is one short file; see :mod:`clrun.components` for the hooks and 
 """
 
 from clrun.strategies.agem import AGEM
+from clrun.strategies.amnesiac import Amnesiac
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
 from clrun.strategies.er_ace import ERACE
@@ -27,6 +28,7 @@ __all__ = [
     "MAS",
     "SI",
     "XDER",
+    "Amnesiac",
     "Cumulative",
     "GDumb",
     "ICaRL",

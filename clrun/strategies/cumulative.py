@@ -4,7 +4,9 @@
 - :class:`Joint`: train once, at the first experience, on the union of all experiences; later
   experiences train on nothing, so every row of the accuracy matrix is still written.
 
-Both work in every scenario; they keep no state of their own.
+Both work in every scenario. Continual unlearning: :class:`Cumulative` leaves forgotten
+experiences out of every later union (its state: the forgotten experiences); :class:`Joint` has
+trained on everything at once and cannot unlearn one experience.
 """
 
 from __future__ import annotations
@@ -16,8 +18,24 @@ from clrun.components import RunState
 
 
 class Cumulative:
+    def __init__(self) -> None:
+        self.forgotten: list[int] = []
+
     def train_data(self, state: RunState, exp: Experience) -> Experience:
-        return concat(state.benchmark.train_stream[: exp.index + 1], exp.index)
+        union = concat(state.benchmark.train_stream[: exp.index + 1], exp.index)
+        if not self.forgotten:
+            return union
+        gone = torch.isin(union.e, torch.tensor(self.forgotten, device=union.e.device))
+        return union.subset(torch.nonzero(~gone).squeeze(1))
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        self.forgotten = sorted(set(self.forgotten) | set(experiences))
+
+    def state_dict(self) -> dict:
+        return {"forgotten": list(self.forgotten)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.forgotten = list(state["forgotten"])
 
 
 class Joint:

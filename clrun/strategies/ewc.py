@@ -59,7 +59,8 @@ class EWC:
         self.fisher, self.fisher_samples = fisher, fisher_samples
         self.fisher_batch_size = int(fisher_batch_size)
         self.generator = torch.Generator().manual_seed(seed)
-        self.terms: list[dict[str, dict[str, Tensor]]] = []  # [{"fisher": {...}, "params": {...}}]
+        self.terms: list[dict] = []  # [{"fisher": {...}, "params": {...}, "experiences": [...]}]
+        self.reanchor = False  # set by forget: the next pre_update re-anchors every term
 
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if not self.terms or self.ewc_lambda == 0:
@@ -70,14 +71,31 @@ class EWC:
     def post_update(self, state: RunState, exp: Experience) -> None:
         fisher = self._fisher(state, exp)
         params = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        experiences = [state.benchmark.origin(exp.index)]
         if self.mode == "online" and self.terms:
             prev = self.terms[0]["fisher"]
             for name, f in fisher.items():
                 old = prev.get(name)
                 if old is not None:
                     f[old_part(old.shape)] += self.decay_factor * old
+            experiences = sorted(set(self.terms[0]["experiences"]) | set(experiences))
             self.terms = []
-        self.terms.append({"fisher": fisher, "params": params})
+        self.terms.append({"fisher": fisher, "params": params, "experiences": experiences})
+
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.reanchor:  # after unlearning: protect the unlearned parameters
+            for term in self.terms:
+                term["params"] = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.reanchor = False
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Separate mode drops the forgotten experiences' Fisher terms; online mode's single
+        Fisher cannot be split and is kept (it weighs parameters, it stores no samples). Every
+        remaining anchor carries the forgotten updates, so the anchors move to the unlearned
+        parameters at the next experience."""
+        if self.mode == "separate":
+            self.terms = [t for t in self.terms if not set(t["experiences"]) <= set(experiences)]
+        self.reanchor = True
 
     def _fisher(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
         n = len(exp) if self.fisher_samples is None else min(len(exp), int(self.fisher_samples))
@@ -102,8 +120,10 @@ class EWC:
         return {k: f / max(n, 1) for k, f in fisher.items()}
 
     def state_dict(self) -> dict:
-        return {"terms": self.terms, "generator": self.generator.get_state()}
+        return {"terms": self.terms, "generator": self.generator.get_state(),
+                "reanchor": self.reanchor}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.terms = state["terms"]
+        self.reanchor = bool(state.get("reanchor", False))
         self.generator.set_state(state["generator"])

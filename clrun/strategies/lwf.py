@@ -7,6 +7,10 @@ units, on every sample of the minibatch. With a multi-head model every old task'
 distilled on the current data, as in the paper (task-incremental); with a single or incremental
 head the old classes' units are (class- and domain-incremental, as in van de Ven & Tolias 2019).
 State: teacher weights and old classes.
+
+Continual unlearning (``forget``): classes that only forgotten experiences had stop being old
+units, and the teacher, which learned from the forgotten data, is retaken from the unlearned model
+at the next experience (so the order of the components in the strategy does not matter).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class LwF:
         self.old_classes: list[int] = []
         self._units: Tensor | None = None
         self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
+        self.forgotten: list[int] = []  # experiences unlearned so far
+        self.retake_teacher = False  # set by forget: the next pre_update copies the model
 
     def _multi_head(self, state: RunState) -> bool:
         return isinstance(getattr(state.model, "head", None), MultiHeadClassifier)
@@ -56,9 +62,21 @@ class LwF:
         kl = F.kl_div(log_p_new, log_p_old, log_target=True, reduction="sum")
         return self.alpha * kl / x.shape[0]
 
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.retake_teacher:
+            self._set_teacher(state, None)
+            self.retake_teacher = False
+
     def post_update(self, state: RunState, exp: Experience) -> None:
         self.old_classes = sorted(set(self.old_classes) | set(exp.classes))
         self._set_teacher(state, None)
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        self.forgotten = sorted(set(self.forgotten) | set(experiences))
+        now, tests = state.benchmark.origin(state.experience), state.benchmark.test_stream
+        kept = {c for k in range(now + 1) if k not in self.forgotten for c in tests[k].classes}
+        self.old_classes = [c for c in self.old_classes if c in kept]
+        self.retake_teacher = True
 
     def _set_teacher(self, state: RunState, weights: dict | None) -> None:
         teacher = copy.deepcopy(state.model)
@@ -70,8 +88,11 @@ class LwF:
 
     def state_dict(self) -> dict:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
-        return {"teacher": teacher, "old_classes": list(self.old_classes)}
+        return {"teacher": teacher, "old_classes": list(self.old_classes),
+                "forgotten": list(self.forgotten), "retake_teacher": self.retake_teacher}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
+        self.forgotten = list(state.get("forgotten", []))
+        self.retake_teacher = bool(state.get("retake_teacher", False))
         self.teacher, self._saved_teacher = None, state["teacher"]

@@ -1,0 +1,280 @@
+"""Continual unlearning: requests to forget past experiences in the stream, what the runner does at
+one, and how well the forgetting worked.
+
+Config (``unlearning`` in ``conf/config.yaml``):
+
+- ``requests``: after experience i, forget experiences [j, ...] (j ≤ i), e.g. ``{3: [1]}``. At
+  each request the runner (1) removes the forgotten experiences' samples from the run's replay
+  buffer, (2) calls the components' ``forget(state, experiences)`` hooks: each drops or refreshes
+  what it derived from the forgotten data (teachers, importance anchors, its own memory), (3) calls
+  the ``unlearn(state, experiences)`` hook of the unlearning method (``amnesiac``), which changes
+  the model, then (4) evaluates on the whole test stream again: an ``"event": "unlearned"`` row in
+  ``metrics.jsonl``. A strategy with a component that keeps state or re-reads past data but has
+  neither hook is refused: it would keep the forgotten data.
+- ``disable``: run the same config but skip the requests (the model that never unlearned).
+- ``exclude``: experiences never trained on (the model still grows their output units, which keep
+  their initial values; evaluation still runs after them); the reference run uses it.
+- ``reference``: ``auto`` trains, after the run, the reference model that never saw the forgotten
+  experiences: the same config with ``exclude`` = every forgotten experience, in
+  ``<run_dir>/reference`` (resumable like any run); a path uses that run directory instead;
+  ``null`` skips the comparison.
+
+Metrics (``summary.json`` → ``unlearning``): for each request, the mean accuracy on the forgotten
+and on the retained experiences (trained so far, not forgotten) just before and just after it;
+at the end of the stream, the same two numbers; against the reference model, the accuracy
+difference per test experience (ours − reference) and, on each forgotten experience's test data,
+the Jensen–Shannon divergence between the two models' predictive distributions (mean over samples,
+in nats, 0 = identical, at most ln 2) and the fraction of samples on which their predictions
+agree. ``unlearning.png`` plots the accuracy timeline with the requests marked, and the final
+accuracies beside the reference's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from clrun import checkpoint
+from clrun.components import Components, RunState
+from clrun.config import ConfigError, build
+
+REFERENCE_DIR = "reference"
+log = logging.getLogger("clrun")
+
+
+@dataclass
+class Plan:
+    requests: dict[int, list[int]] = field(default_factory=dict)  # after i → forget [j, ...]
+    exclude: set[int] = field(default_factory=set)  # experiences not trained on
+    disabled: bool = False
+    reference: str | None = None  # "auto", the path of a run directory, or None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.requests) and not self.disabled
+
+    @property
+    def forgotten(self) -> list[int]:
+        return sorted({j for js in self.requests.values() for j in js})
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
+    """The checked ``unlearning`` config of a run over ``n_experiences`` experiences."""
+    node = cfg.get("unlearning")
+    if node is None:
+        return Plan()
+    T, allowed = n_experiences, f"integers in 0..{n_experiences - 1}"
+    raw = node.get("requests") or {}
+    if not isinstance(raw, dict | DictConfig):
+        raise ConfigError(
+            f"unlearning.requests={raw!r} must map an experience to a list, e.g. {{3: [1]}}"
+        )
+    requests, seen = {}, set()
+    for i in sorted(raw, key=lambda k: (not _int(k), k if _int(k) else 0)):
+        js = raw[i]
+        if not _int(i) or not 0 <= i < T:
+            raise ConfigError(
+                f"unlearning.requests: key {i!r} must be an experience index, one of {allowed}"
+            )
+        if isinstance(js, int):
+            js = [js]
+        if not isinstance(js, list | ListConfig) or not js or not all(_int(j) for j in js):
+            raise ConfigError(
+                f"unlearning.requests.{i}={js!r} must be a non-empty list of experience indices"
+            )
+        for j in js:
+            if not 0 <= j <= i:
+                raise ConfigError(f"unlearning.requests.{i}: experience {j} cannot be forgotten after experience {i}: "
+                                  f"it must be one of 0..{i} (already learned)")  # fmt: skip
+            if j in seen:
+                raise ConfigError(f"unlearning.requests.{i}: experience {j} is forgotten twice")
+            seen.add(j)
+        requests[int(i)] = [int(j) for j in js]
+    exclude = node.get("exclude") or []
+    if not isinstance(exclude, list | ListConfig) or not all(
+        _int(j) and 0 <= j < T for j in exclude
+    ):
+        raise ConfigError(f"unlearning.exclude={exclude!r} must be a list of {allowed}")
+    disabled = node.get("disable", False)
+    if not isinstance(disabled, bool):
+        raise ConfigError(f"unlearning.disable={disabled!r} must be true or false")
+    reference = node.get("reference")
+    if reference is not None and not isinstance(reference, str) or reference == "":
+        raise ConfigError(
+            f"unlearning.reference={reference!r} must be auto, null or the path of a run directory"
+        )
+    p = Plan(requests, {int(j) for j in exclude}, disabled, reference)
+    if p.active:
+        _check_components(components, requests)
+        if reference not in (None, "auto"):
+            load_reference(reference, p)  # fail now, not after training
+    return p
+
+
+def _check_components(components: Components, requests: dict) -> None:
+    if not components["unlearn"]:
+        raise ConfigError(f"unlearning.requests={requests}: this strategy has no unlearning method; "
+                          "use an amnesiac strategy (strategy=amnesiac_naive | amnesiac_lwf | amnesiac_replay "
+                          "| amnesiac_ewc) or unlearning.disable=true")  # fmt: skip
+    for name, c in components.items.items():
+        keeps = hasattr(c, "state_dict") or callable(getattr(c, "train_data", None))
+        if keeps and not any(callable(getattr(c, h, None)) for h in ("forget", "unlearn")):
+            raise ConfigError(f"unlearning.requests={requests}: component {name!r} ({type(c).__name__}) keeps or "
+                              "re-reads data it learned from but has no forget or unlearn hook, so it would keep the "
+                              "forgotten experiences; strategies that support unlearning: amnesiac_naive, "
+                              "amnesiac_lwf, amnesiac_replay, amnesiac_ewc (or any composition of amnesiac with "
+                              "components that have an unlearn hook or no state)")  # fmt: skip
+
+
+def handle_request(state: RunState, components: Components, experiences: list[int]) -> dict:
+    """The runner's unlearning step: purge the run's buffer, then the components' ``forget``
+    hooks, then the unlearning method's ``unlearn``."""
+    purged = 0
+    if state.buffer is not None and len(state.buffer):
+        purged = state.buffer.purge(experiences)
+    for hook in components["forget"]:
+        hook(state, experiences)
+    for hook in components["unlearn"]:
+        hook(state, experiences)
+    return {"buffer_samples_removed": purged}
+
+
+def summary(p: Plan, recorder, components: Components) -> dict:
+    """The ``summary.json`` entries of unlearning: the memory components hold and, where the run
+    has requests or excludes experiences, the ``unlearning`` block (see the module docstring)."""
+    out: dict = {}
+    memory = {n: round(c.memory_mb(), 3) for n, c in components.items.items()
+              if callable(getattr(c, "memory_mb", None))}  # fmt: skip
+    if memory:
+        out["component_memory_mb"] = memory
+    if not (p.requests or p.exclude):
+        return out
+    block: dict = {"requests": {str(i): js for i, js in p.requests.items()},
+                   "disabled": p.disabled, "exclude": sorted(p.exclude), "events": []}  # fmt: skip
+    forgotten: set[int] = set()
+    for event in recorder.unlearned:
+        i = event["after_experience"]
+        forgotten |= set(event["forgotten"])
+        block["events"].append({
+            "after_experience": i, "forgotten": event["forgotten"], "seconds": event["seconds"],
+            "buffer_samples_removed": event["buffer_samples_removed"],
+            **_accuracies(recorder.rows[i], forgotten, set(range(i + 1)) - p.exclude, "_before"),
+            **_accuracies(event["results"], forgotten, set(range(i + 1)) - p.exclude, "_after"),
+        })  # fmt: skip
+    if recorder.rows:
+        trained = set(range(len(recorder.rows))) - p.exclude
+        block["forgotten"] = sorted(forgotten)
+        block.update(_accuracies(recorder.final(), forgotten, trained, "", prefix="final_"))
+    out["unlearning"] = block
+    return out
+
+
+def _accuracies(results: list[dict], forgotten: set[int], trained: set[int], suffix: str,
+                prefix: str = "") -> dict:  # fmt: skip
+    acc = [r["acc"] for r in results]
+    return {
+        f"{prefix}forgotten_acc{suffix}": _mean([acc[j] for j in sorted(forgotten)]),
+        f"{prefix}retained_acc{suffix}": _mean([acc[j] for j in sorted(trained - forgotten)]),
+    }
+
+
+def against_reference(cfg: DictConfig, p: Plan, run_dir: Path, choices: dict | None,
+                      state: RunState, recorder) -> dict:  # fmt: skip
+    """Run (``reference: auto``) or load the reference run and compare our final model with it."""
+    path = Path(p.reference) if p.reference != "auto" else Path(run_dir) / REFERENCE_DIR
+    if p.reference == "auto":
+        from clrun.run import run  # the runner imports this module
+
+        log.info("training the reference model without experiences %s in %s", p.forgotten, path)
+        run(reference_config(cfg, p), path, choices)
+    saved = load_reference(path, p)
+    shape = {"input_shape": state.benchmark.input_shape, "n_classes": state.benchmark.n_classes}
+    reference = build(cfg.model, "model", **shape).to(state.device)
+    reference.load_state_dict(saved["model"])  # dynamic heads take the reference's size
+    reference_final = [r["acc"] for r in saved["recorder"]["rows"][-1]]
+    final = [r["acc"] for r in recorder.final()]
+    batch_size = int(OmegaConf.select(cfg, "strategy.eval_batch_size") or 1000)
+    return {"run_dir": str(path),
+            **compare(state, reference, p.forgotten, final, reference_final, batch_size)}  # fmt: skip
+
+
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+@torch.inference_mode()
+def compare(state: RunState, reference: torch.nn.Module, forgotten: list[int],
+            final: list[float], reference_final: list[float], batch_size: int) -> dict:  # fmt: skip
+    """Our final model against the reference: accuracy difference per test experience, and on each
+    forgotten experience's test data the JS divergence and prediction agreement."""
+    model, prepare = state.model, state.benchmark.prepare
+    was_training = model.training
+    model.eval(), reference.eval()
+    distance = {}
+    for j in forgotten:
+        exp = state.benchmark.test_stream[j]
+        js = torch.zeros((), dtype=torch.float64, device=state.device)
+        agree = torch.zeros((), dtype=torch.float64, device=state.device)
+        for i in range(0, len(exp), batch_size):
+            x = state.to_model_format(prepare(exp.x[i : i + batch_size], exp.e[i : i + batch_size]))
+            t = exp.t[i : i + batch_size]
+            with state.autocast():
+                a, b = model(x, t).float(), reference(x, t).float()
+            js += js_divergence(F.log_softmax(a, 1), F.log_softmax(b, 1)).sum()
+            agree += (a.argmax(1) == b.argmax(1)).sum()
+        distance[str(j)] = {
+            "js_divergence": float(js) / len(exp),
+            "agreement": float(agree) / len(exp),
+        }
+    model.train(was_training)
+    return {
+        "acc_diff": [a - b for a, b in zip(final, reference_final, strict=True)],
+        "reference_acc": list(reference_final),
+        "forgotten": distance,
+    }
+
+
+def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row Jensen–Shannon divergence (nats) between distributions given as log-probabilities."""
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
+    kl = lambda a: (a.exp() * (a - log_m)).sum(1)  # noqa: E731
+    return (0.5 * (kl(log_p) + kl(log_q))).clamp(min=0)
+
+
+def reference_config(cfg: DictConfig, p: Plan) -> DictConfig:
+    """The config of the reference run: the same, never training on the forgotten experiences."""
+    ref = copy.deepcopy(cfg)
+    OmegaConf.set_struct(ref, False)
+    ref.unlearning = {"requests": {}, "disable": False, "reference": None,
+                      "exclude": sorted(set(p.forgotten) | p.exclude)}  # fmt: skip
+    return ref
+
+
+def load_reference(path: str | Path, p: Plan) -> dict:
+    """The final state of a completed reference run directory, checked against the plan."""
+    summary = Path(path) / "summary.json"
+    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    saved = checkpoint.load(Path(path), torch.device("cpu")) if status == "completed" else None
+    if saved is None:
+        raise ConfigError(
+            f"unlearning.reference={str(path)!r} is not a completed run directory "
+            f"(its summary.json says status {status!r}; it needs one and a checkpoint)"
+        )
+    excluded = set(saved["config"].get("unlearning", {}).get("exclude") or [])
+    if not set(p.forgotten) <= excluded:
+        raise ConfigError(f"unlearning.reference={str(path)!r} trained on experiences "
+                          f"{sorted(set(p.forgotten) - excluded)} that this run forgets: a reference run "
+                          f"needs unlearning.exclude={p.forgotten}")  # fmt: skip
+    return saved
