@@ -51,7 +51,8 @@ def clrun_command(
 def run_once(cmd: list[str], result_file: Path, is_clrun: bool) -> dict:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})  # fmt: skip
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")

@@ -53,10 +53,16 @@ def run_debug(tmp_path: Path):
 
 def clrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     """The ``clrun`` command in a subprocess (this checkout and tests/ importable)."""
-    path = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *_pythonpath(env)])
     return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                          text=True, env={**os.environ, **(env or {}), "PYTHONPATH": path},
                           timeout=timeout)  # fmt: skip
+
+
+def _pythonpath(env: dict | None) -> list[str]:
+    """Entries of PYTHONPATH given by the test (first) and by the environment (kept last)."""
+    parts = [(env or {}).get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    return [p for part in parts for p in part.split(os.pathsep) if p]
 
 
 def has_torchvision() -> bool:
