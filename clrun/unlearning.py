@@ -133,9 +133,23 @@ def _check_components(components: Components, requests: dict) -> None:
         if keeps and not any(callable(getattr(c, h, None)) for h in ("forget", "unlearn")):
             raise ConfigError(f"unlearning.requests={requests}: component {name!r} ({type(c).__name__}) keeps or "
                               "re-reads data it learned from but has no forget or unlearn hook, so it would keep the "
-                              "forgotten experiences; strategies that support unlearning: amnesiac_naive, "
-                              "amnesiac_lwf, amnesiac_replay, amnesiac_ewc (or any composition of amnesiac with "
-                              "components that have an unlearn hook or no state)")  # fmt: skip
+                              "forgotten experiences; see README 'Continual unlearning' for the components that "
+                              "support it")  # fmt: skip
+
+
+def classes_only_in(state: RunState, experiences: list[int]) -> set[int]:
+    """Classes of ``experiences`` that no other experience learned so far has (in the class and
+    task scenarios, the units that only forgotten data trained)."""
+    now, tests = state.benchmark.origin(state.experience), state.benchmark.test_stream
+    kept = {c for k in range(now + 1) if k not in experiences for c in tests[k].classes}
+    return {c for j in experiences for c in tests[j].classes} - kept
+
+
+def without_experiences(samples: dict, experiences: list[int]) -> dict:
+    """A dict of per-sample tensors (with ``e``) without the samples of ``experiences``."""
+    e = samples["e"]
+    keep = ~torch.isin(e, torch.tensor(list(experiences), dtype=e.dtype, device=e.device))
+    return {f: v[keep] for f, v in samples.items()}
 
 
 def handle_request(state: RunState, components: Components, experiences: list[int]) -> dict:

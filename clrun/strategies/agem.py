@@ -75,6 +75,14 @@ class AGEM:
         self.memory[exp.index] = {f: getattr(exp, f)[idx] for f in FIELDS}
         self._pool = None
 
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the forgotten experiences' samples leave the memory."""
+        from clrun.unlearning import without_experiences
+
+        kept = {k: without_experiences(m, experiences) for k, m in self.memory.items()}
+        self.memory = {k: m for k, m in kept.items() if len(m["y"])}
+        self._pool = None
+
     def state_dict(self) -> dict:
         return {
             "memory": [[k, dict(m)] for k, m in sorted(self.memory.items())],

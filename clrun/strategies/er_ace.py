@@ -76,6 +76,15 @@ class ERACE:
         else:
             self.buffer.update(new, features=features)
 
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: classes that only forgotten experiences had count as unseen
+        again (the run's buffer has lost their samples already)."""
+        from clrun.unlearning import classes_only_in
+
+        gone = sorted(classes_only_in(state, experiences))
+        if self.seen is not None and gone:
+            self.seen[torch.tensor(gone, device=self.seen.device)] = False
+
     def state_dict(self) -> dict:
         return {"seen": self.seen}
 

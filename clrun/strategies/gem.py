@@ -162,6 +162,13 @@ class GEM:
             for f in FIELDS
         }
 
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the forgotten experiences' samples leave the memory."""
+        from clrun.unlearning import without_experiences
+
+        kept = {k: without_experiences(m, experiences) for k, m in self.memory.items()}
+        self.memory = {k: m for k, m in kept.items() if len(m["y"])}
+
     def state_dict(self) -> dict:
         return {"memory": [[k, dict(m)] for k, m in sorted(self.memory.items())]}
 

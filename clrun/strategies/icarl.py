@@ -57,6 +57,7 @@ class ICaRL:
         self.teacher: torch.nn.Module | None = None
         self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
         self._units: Tensor | None = None  # seen classes of the current experience: old, then new
+        self.retake_teacher = False  # set by forget: the next pre_update copies the model
 
     def train_data(self, state: RunState, exp: Experience) -> Experience:
         if state.benchmark.scenario != "class":
@@ -105,6 +106,28 @@ class ICaRL:
         self.class_means = F.normalize(means / counts.clamp(min=1).unsqueeze(1), dim=1)
         self._set_teacher(state, None)
 
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.retake_teacher:
+            self._set_teacher(state, None)
+            self.retake_teacher = False
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the forgotten experiences' exemplars leave the memory, classes
+        left without exemplars lose their mean (never predicted again) and, if no retained
+        experience has them, stop being old classes; the teacher is retaken from the unlearned
+        model at the next experience."""
+        from clrun.unlearning import classes_only_in
+
+        self.memory.purge(experiences)
+        if self.has_mean is not None:
+            left = torch.zeros_like(self.has_mean)
+            if len(self.memory):
+                left[self.memory.data["y"].unique()] = True
+            self.has_mean &= left
+        gone = classes_only_in(state, experiences)
+        self.old_classes = [c for c in self.old_classes if c not in gone]
+        self.retake_teacher = self.teacher is not None or self._saved_teacher is not None
+
     def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
         if self.class_means is None:
             return state.model(x, t)
@@ -129,6 +152,7 @@ class ICaRL:
             "class_means": self.class_means,
             "has_mean": self.has_mean,
             "teacher": teacher,
+            "retake_teacher": self.retake_teacher,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,6 +160,7 @@ class ICaRL:
         self.old_classes = list(state["old_classes"])
         self.class_means, self.has_mean = state["class_means"], state["has_mean"]
         self.teacher, self._saved_teacher = None, state["teacher"]
+        self.retake_teacher = bool(state.get("retake_teacher", False))
 
 
 def nearest_mean_logits(features: Tensor, means: Tensor, has_mean: Tensor) -> Tensor:

@@ -72,10 +72,11 @@ class LwF:
         self._set_teacher(state, None)
 
     def forget(self, state: RunState, experiences: list[int]) -> None:
+        from clrun.unlearning import classes_only_in
+
         self.forgotten = sorted(set(self.forgotten) | set(experiences))
-        now, tests = state.benchmark.origin(state.experience), state.benchmark.test_stream
-        kept = {c for k in range(now + 1) if k not in self.forgotten for c in tests[k].classes}
-        self.old_classes = [c for c in self.old_classes if c in kept]
+        gone = classes_only_in(state, self.forgotten)
+        self.old_classes = [c for c in self.old_classes if c not in gone]
         self.retake_teacher = True
 
     def _set_teacher(self, state: RunState, weights: dict | None) -> None:

@@ -60,6 +60,7 @@ class MAS:
         self.generator = torch.Generator().manual_seed(seed)
         self.importance: dict[str, Tensor] = {}  # Ω
         self.anchor: dict[str, Tensor] = {}  # θ*
+        self.reanchor = False  # set by forget: the next pre_update anchors at the model
 
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if not self.importance or self.mas_lambda == 0:
@@ -91,13 +92,26 @@ class MAS:
                                      self.importance_batch_size)  # fmt: skip
         return {k: v / max(n, 1) for k, v in omega.items()}
 
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.reanchor:
+            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.reanchor = False
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the importance, a running sum over experiences, cannot be split
+        and is kept (it weighs parameters, it stores no samples); the anchor carries the
+        forgotten updates and moves to the unlearned parameters at the next experience."""
+        self.reanchor = bool(self.anchor)
+
     def state_dict(self) -> dict:
         return {
             "importance": self.importance,
             "anchor": self.anchor,
             "generator": self.generator.get_state(),
+            "reanchor": self.reanchor,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.importance, self.anchor = dict(state["importance"]), dict(state["anchor"])
+        self.reanchor = bool(state.get("reanchor", False))
         self.generator.set_state(state["generator"])

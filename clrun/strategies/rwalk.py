@@ -90,6 +90,7 @@ class RWalk:
         self.score: dict[str, Tensor] = {}  # S, over the experiences so far
         self.weights: dict[str, Tensor] = {}  # F̂ + Ŝ, the penalty's weights
         self.anchor: dict[str, Tensor] = {}  # θ*
+        self.reanchor = False  # set by forget: the next pre_update anchors at the model
         self.experience: int | None = None  # the experience the fields below belong to
         self.exp_score: dict[str, Tensor] = {}  # s of the experience being trained
         self.window: dict[str, dict[str, Tensor]] = {}  # open window: start θ_w, ω_w, Σ g²
@@ -172,8 +173,21 @@ class RWalk:
         self.weights = {n: fisher[n] + score[n] for n in self.score}
         self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
 
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.reanchor:
+            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.reanchor = False
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the Fisher and path scores, running averages over experiences,
+        cannot be split and are kept (they weigh parameters, they store no samples); the anchor
+        carries the forgotten updates and moves to the unlearned parameters at the next
+        experience."""
+        self.reanchor = bool(self.anchor)
+
     def state_dict(self) -> dict:
         return {
+            "reanchor": self.reanchor,
             "fisher": self.fisher,
             "score": self.score,
             "weights": self.weights,
@@ -189,3 +203,4 @@ class RWalk:
         self.weights, self.anchor = dict(state["weights"]), dict(state["anchor"])
         self.experience, self.exp_score = state["experience"], dict(state["exp_score"])
         self.window, self.window_steps = dict(state["window"]), state["window_steps"]
+        self.reanchor = bool(state.get("reanchor", False))
