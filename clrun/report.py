@@ -43,6 +43,12 @@ METRICS = {  # summary.json field → column title
     "fwt": "FWT",
     "wall_time_s": "wall time (s)",
 }
+UNLEARNING_METRICS = {  # added when runs unlearned (dotted: inside summary.json's "unlearning")
+    "unlearning.final_forgotten_acc": "forgotten acc",
+    "unlearning.final_retained_acc": "retained acc",
+    "unlearning.reference.mean_js_divergence": "JS to reference",
+}
+REFERENCE_DIR = "reference"  # a run's reference run (clrun.unlearning): part of it, not a run
 
 
 @dataclass
@@ -88,6 +94,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     for d in map(Path, dirs):
         found |= {p.parent for p in d.rglob("summary.json")}
         found |= {p.parent for p in d.rglob(".hydra") if p.is_dir()}
+    found = {p for p in found if not (p.name == REFERENCE_DIR and p.parent in found)}
     runs = []
     for run_dir in sorted(
         found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
@@ -127,12 +134,27 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def metric(summary: dict, key: str) -> float | None:
+    """A field of summary.json; a dotted key reads nested fields (None where missing)."""
+    value = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, int | float) else None
+
+
+def metrics_of(runs: list[Run]) -> dict[str, str]:
+    """The table's columns: the CL metrics, and the unlearning ones if any run unlearned."""
+    unlearned = any(r.summary.get("unlearning", {}).get("events") for r in runs)
+    return {**METRICS, **(UNLEARNING_METRICS if unlearned else {})}
+
+
 def table_rows(groups: dict[str, list[Run]]) -> list[dict]:
     rows = []
+    columns = metrics_of([r for runs in groups.values() for r in runs])
     for name, runs in groups.items():
         row: dict = {"group": name, "n": len(runs)}
-        for key in METRICS:
-            row[key] = mean_std([r.summary.get(key) for r in runs])
+        for key in columns:
+            row[key] = mean_std([metric(r.summary, key) for r in runs])
         rows.append(row)
     return rows
 
@@ -141,6 +163,7 @@ def markdown(
     runs: list[Run], rows: list[dict], dirs: list[Path], out: Path, plots: list[str]
 ) -> str:
     done = sum(r.status == "completed" for r in runs)
+    columns = metrics_of([r for r in runs if r.status == "completed"])
     lines = [
         "# clrun report",
         "",
@@ -148,11 +171,11 @@ def markdown(
         f"{len(runs) - done} not completed. Each cell: mean ± sample std (ddof=1) over the "
         "group's completed runs (runs that differ only in seed); n runs.",
         "",
-        "| group | n | " + " | ".join(METRICS.values()) + " |",
-        "| --- | ---: |" + " ---: |" * len(METRICS),
+        "| group | n | " + " | ".join(columns.values()) + " |",
+        "| --- | ---: |" + " ---: |" * len(columns),
     ]
     for row in rows:
-        cells = [_fmt(*row[k][:2], 1 if k == "wall_time_s" else 3) for k in METRICS]
+        cells = [_fmt(*row[k][:2], 1 if k == "wall_time_s" else 3) for k in columns]
         lines.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{p}]({p})" for p in plots]
     bad = [r for r in runs if r.status != "completed"]
@@ -169,9 +192,10 @@ def markdown(
 def write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["group", "n"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std", "n")])
+    columns = [k for k in rows[0] if k not in ("group", "n")] if rows else list(METRICS)
+    writer.writerow(["group", "n"] + [f"{k}_{s}" for k in columns for s in ("mean", "std", "n")])
     for row in rows:
-        writer.writerow([row["group"], row["n"]] + [v for k in METRICS for v in row[k]])
+        writer.writerow([row["group"], row["n"]] + [v for k in columns for v in row[k]])
     write_atomic(path, buf.getvalue())
 
 

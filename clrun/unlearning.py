@@ -24,7 +24,7 @@ and on the retained experiences (trained so far, not forgotten) just before and 
 at the end of the stream, the same two numbers; against the reference model, the accuracy
 difference per test experience (ours − reference) and, on each forgotten experience's test data,
 the Jensen–Shannon divergence between the two models' predictive distributions (mean over samples,
-in nats, 0 = identical, at most ln 2) and the fraction of samples on which their predictions
+in nats, 0 = identical, at most ln 2; ``mean_js_divergence`` averages the forgotten experiences) and the fraction of samples on which their predictions
 agree. ``unlearning.png`` plots the accuracy timeline with the requests marked, and the final
 accuracies beside the reference's.
 """
@@ -257,6 +257,7 @@ def compare(state: RunState, reference: torch.nn.Module, forgotten: list[int],
         "acc_diff": [a - b for a, b in zip(final, reference_final, strict=True)],
         "reference_acc": list(reference_final),
         "forgotten": distance,
+        "mean_js_divergence": sum(d["js_divergence"] for d in distance.values()) / len(distance),
     }
 
 

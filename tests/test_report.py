@@ -141,3 +141,25 @@ def test_run_management_keys_are_the_runners():
 
     runner = getattr(clrun.checkpoint, "RUN_MANAGEMENT_KEYS", None) or clrun.run.RUN_MANAGEMENT_KEYS
     assert set(report.RUN_MANAGEMENT_KEYS) == set(runner)
+
+
+def test_unlearning_runs_get_their_columns_and_their_reference_is_not_a_run(tmp_path):
+    s = tmp_path / "sweep"
+    for seed, (forgotten, js) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+        block = {"events": [{"after_experience": 1}], "final_forgotten_acc": forgotten,
+                 "final_retained_acc": 0.9, "reference": {"mean_js_divergence": js}}  # fmt: skip
+        make_run(s / str(seed), ["strategy=amnesiac_lwf", f"seed={seed}"],
+                 {**done(0.8, 0.1, -0.1, 0.0, 5.0), "unlearning": block}, R0)  # fmt: skip
+        make_run(s / str(seed) / "reference", ["strategy=amnesiac_lwf", f"seed={seed}"],
+                 done(0.2, 0.1, -0.1, 0.0, 5.0), R0)  # fmt: skip
+    runs = report.find_runs([s])
+    assert [r.dir.name for r in runs] == ["0", "1"]
+    (row,) = report.table_rows(report.group_runs(runs))
+    assert row["unlearning.final_forgotten_acc"][:2] == pytest.approx(
+        (0.6, statistics.stdev([0.5, 0.7]))
+    )
+    assert row["unlearning.reference.mean_js_divergence"][0] == pytest.approx(0.2)
+    text = report.report([s])
+    assert "| forgotten acc | retained acc | JS to reference |" in text
+    header = (s / "report.csv").read_text().splitlines()[0]
+    assert "unlearning.final_retained_acc_mean" in header
