@@ -90,7 +90,9 @@ def test_unlearning_the_only_experience_returns_the_initial_parameters(head):
     torch.manual_seed(1)
     _learn(state, components, exp)
     assert any((state.model.state_dict()[n] != v).any() for n, v in _float_state(grown).items())
+    assert state.optimizer.state
     amnesiac.unlearn(state, [0])
+    assert not state.optimizer.state  # momentum held the forgotten gradients
     for name, v in _float_state(grown).items():
         torch.testing.assert_close(state.model.state_dict()[name], v, atol=1e-6, rtol=0)
     assert amnesiac.updates == {} and amnesiac.memory_mb() == 0

@@ -16,7 +16,8 @@ approximation, measured by the reference-run comparison of :mod:`clrun.unlearnin
 the model grew for a forgotten experience (its task's head in a multi-head model, its new classes'
 units in an incremental head) exist only for that experience's data: they go back to their
 initial values, and later records drop their part (later experiences trained them by distillation
-or replay of the forgotten data). Optionally,
+or replay of the forgotten data). The optimiser's state (momentum, Adam's moments), which holds
+the forgotten experiences' gradients, is cleared. Optionally,
 ``repair_steps`` minibatch steps of cross-entropy on the retained data repair the damage, as the
 paper suggests: the samples come from the run's replay buffer, from which the runner has already
 removed every sample of the forgotten experiences, so this needs a strategy with a buffer
@@ -142,6 +143,8 @@ class Amnesiac:
                 for u in self.updates.values():
                     if name in u:
                         u[name][_grown(u[name].shape, old, init.shape)] = 0
+        if state.optimizer is not None:  # momentum / Adam moments hold the forgotten gradients
+            state.optimizer.state.clear()
         if self.repair_steps:
             with torch.enable_grad():
                 self._repair(state)
