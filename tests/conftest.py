@@ -65,6 +65,18 @@ def _pythonpath(env: dict | None) -> list[str]:
     return [p for part in parts for p in part.split(os.pathsep) if p]
 
 
+def round_trip(component) -> dict:
+    """The component's state through a checkpoint file (weights_only, as the runner loads it)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(component.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def has_torchvision() -> bool:
     """torchvision from PyPI fails to import with the CPU torch wheel: tests needing it skip."""
     try:

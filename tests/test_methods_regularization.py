@@ -2,7 +2,6 @@
 exact checks of their parts (GEM's quadratic program, A-GEM's projection, the importances, the
 state round trips)."""
 
-import io
 import itertools
 import re
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg
+from conftest import make_cfg, round_trip
 
 from clrun import checkpoint, plots
 from clrun.benchmarks import Experience, synthetic
@@ -143,14 +142,6 @@ def _train(state: RunState, components: Components, exp: Experience, steps: int 
             hook(state, exp)
 
 
-def _round_trip(component) -> dict:
-    """The component's state through a checkpoint file (weights_only, as the runner loads it)."""
-    buf = io.BytesIO()
-    torch.save(component.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 # --------------------------------------------------------------------------- importances
 
 
@@ -243,7 +234,7 @@ def test_state_dict_round_trip_gives_identical_penalties(make):
     _train(state, components, exp0)
     _train(state, components, exp1, steps=7, finish=False)  # stop inside experience 1
     copy = make()
-    copy.load_state_dict(_round_trip(component))
+    copy.load_state_dict(round_trip(component))
     batch = exp1.subset(torch.arange(32))
     x = state.benchmark.prepare(batch.x, batch.e)
     out = state.model(x, batch.t)
@@ -382,7 +373,7 @@ def test_memory_round_trip_gives_identical_projection(make):
     _train(state, components, exp0)
     _train(state, components, exp1, steps=3, finish=False)
     copy = make(patterns_per_experience=20)
-    copy.load_state_dict(_round_trip(component))
+    copy.load_state_dict(round_trip(component))
     batch = exp1.subset(torch.arange(16))
     F.cross_entropy(
         state.model(state.benchmark.prepare(batch.x, batch.e), batch.t), batch.y

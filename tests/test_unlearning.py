@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import round_trip
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -49,13 +50,12 @@ def _learn(state: RunState, components: Components, exp: Experience, steps: int 
         hook(state, exp)
 
 
-def _round_trip(component) -> dict:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(component.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def _trained(component, experiences: int, **setup) -> RunState:
+    """A run state after ``experiences`` experiences learned with this one component."""
+    state = _setup(**setup)
+    for exp in state.benchmark.train_stream[:experiences]:
+        _learn(state, Components({"c": component}), exp)
+    return state
 
 
 # --------------------------------------------------------------------------- amnesiac
@@ -99,11 +99,8 @@ def test_unlearning_the_only_experience_returns_the_initial_parameters(head):
 
 
 def test_unlearning_subtracts_the_forgotten_update_and_resets_its_units():
-    state = _setup(head="multi", scenario="task")
     amnesiac = Amnesiac()
-    components = Components({"amnesiac": amnesiac})
-    for exp in state.benchmark.train_stream:
-        _learn(state, components, exp)
+    state = _trained(amnesiac, 3, head="multi", scenario="task")
     before = _float_state(state.model)
     delta = {n: d.clone() for n, d in amnesiac.updates[1].items()}
     init_head = {n: v.clone() for n, (_, v) in amnesiac.created[1].items()}
@@ -121,11 +118,8 @@ def test_unlearning_subtracts_the_forgotten_update_and_resets_its_units():
 
 
 def test_incremental_units_of_a_forgotten_experience_go_back_to_their_init():
-    state = _setup(head="incremental")
     amnesiac = Amnesiac()
-    components = Components({"amnesiac": amnesiac})
-    for exp in state.benchmark.train_stream[:2]:
-        _learn(state, components, exp)
+    state = _trained(amnesiac, 2, head="incremental")
     old, init = amnesiac.created[1]["head.units.linear.weight"]
     assert old == (2, 16) and init.shape == (4, 16)
     amnesiac.unlearn(state, [1])
@@ -140,7 +134,7 @@ def test_amnesiac_state_round_trips_and_unlearns_identically():
     for exp in state.benchmark.train_stream:
         _learn(state, Components({"amnesiac": amnesiac}), exp)
     other = Amnesiac()
-    other.load_state_dict(_round_trip(amnesiac))
+    other.load_state_dict(round_trip(amnesiac))
     copy = _setup(head="incremental")
     for exp in state.benchmark.train_stream:
         adapt_model(copy.model, exp)
@@ -213,11 +207,8 @@ def test_forgotten_samples_are_gone_from_buffers(make):
 
 
 def test_lwf_forgets_the_classes_and_retakes_its_teacher():
-    state = _setup(head="incremental")
     lwf = LwF()
-    components = Components({"lwf": lwf})
-    for exp in state.benchmark.train_stream[:2]:
-        _learn(state, components, exp)
+    state = _trained(lwf, 2, head="incremental")
     c0, c1 = (sorted(e.classes) for e in state.benchmark.train_stream[:2])
     assert lwf.old_classes == sorted(c0 + c1)
     lwf.forget(state, [0])
@@ -225,7 +216,7 @@ def test_lwf_forgets_the_classes_and_retakes_its_teacher():
     with torch.no_grad():
         for p in state.model.parameters():
             p.add_(1.0)  # what an unlearning method might do to the model
-    lwf.load_state_dict(_round_trip(lwf))
+    lwf.load_state_dict(round_trip(lwf))
     lwf.pre_update(state, state.benchmark.train_stream[2])
     for a, b in zip(lwf.teacher.parameters(), state.model.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -234,16 +225,13 @@ def test_lwf_forgets_the_classes_and_retakes_its_teacher():
 
 @pytest.mark.parametrize("make", [MAS, RWalk], ids=["mas", "rwalk"])
 def test_importance_methods_reanchor_at_the_unlearned_model(make):
-    state = _setup()
     method = make()
-    components = Components({"m": method})
-    for exp in state.benchmark.train_stream[:2]:
-        _learn(state, components, exp)
+    state = _trained(method, 2)
     importance = {
         n: v.clone() for n, v in (method.importance if make is MAS else method.weights).items()
     }
     method.forget(state, [0])
-    method.load_state_dict(_round_trip(method))
+    method.load_state_dict(round_trip(method))
     with torch.no_grad():
         for p in state.model.parameters():
             p.add_(0.5)
@@ -256,11 +244,8 @@ def test_importance_methods_reanchor_at_the_unlearned_model(make):
 
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_ewc_drops_forgotten_terms_and_reanchors(mode):
-    state = _setup()
     ewc = EWC(mode=mode, fisher_samples=16)
-    components = Components({"ewc": ewc})
-    for exp in state.benchmark.train_stream[:2]:
-        _learn(state, components, exp)
+    state = _trained(ewc, 2)
     ewc.forget(state, [0])
     expected = [[1]] if mode == "separate" else [[0, 1]]
     assert [t["experiences"] for t in ewc.terms] == expected
@@ -277,7 +262,7 @@ def test_cumulative_leaves_forgotten_experiences_out():
     state = _setup()
     cumulative = Cumulative()
     cumulative.forget(state, [0])
-    cumulative.load_state_dict(_round_trip(cumulative))
+    cumulative.load_state_dict(round_trip(cumulative))
     data = cumulative.train_data(state, state.benchmark.train_stream[2])
     assert sorted(data.e.unique().tolist()) == [1, 2]
     assert len(data) == sum(len(state.benchmark.train_stream[k]) for k in (1, 2))
