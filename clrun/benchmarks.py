@@ -472,17 +472,44 @@ def _split_dataset(
     online_batch_size: int,
     flip: bool = True,
     path: str | None = None,
+    pad: int = 0,
+    normalize: bool = True,
     **split: object,
 ) -> Benchmark:
     """A stored dataset split by class, with the options every benchmark shares. The public
-    functions below pass their arguments straight through (``**locals()``)."""
+    functions below pass their arguments straight through (``**locals()``). ``pad`` and
+    ``normalize``: see :func:`zero_pad`."""
     from clrun.datasets import load_dataset
 
-    data = load_dataset(dataset, data_dir, path)
+    data = zero_pad(load_dataset(dataset, data_dir, path), pad)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"benchmark.normalize={normalize!r} must be true or false")
+    if not normalize:  # pixels / 255: inputs in [0, 1]
+        mean, std = 0.0, 1.0
     b = split_by_class(name, data, mean=mean, std=std, **split)
+    b.info.update(pad=pad, normalize=normalize)
     return _finish(
         b, augment=augment, flip=flip, online=online, online_batch_size=online_batch_size
     )
+
+
+def zero_pad(data: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
+    """The dataset with ``pad`` black (zero) pixels added on every side of every image, once, in
+    its stored dtype: ``pad=2`` turns MNIST's 28×28 into the 32×32 of van de Ven et al.'s
+    protocols (``transforms.Pad(2)``). Normalisation (``normalize=false``: pixels / 255, in [0, 1],
+    as theirs) comes after, per batch; the padding is black before it, whatever the mean."""
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"benchmark.pad={pad!r} must be an integer ≥ 0 (pixels per side)")
+    if pad == 0:
+        return data
+    out = dict(data)
+    for key in ("x_train", "x_test"):
+        if data[key].dim() not in (3, 4):
+            raise ValueError(
+                f"benchmark.pad={pad} needs images, not inputs shaped {tuple(data[key].shape)}"
+            )
+        out[key] = F.pad(data[key], (pad, pad, pad, pad))
+    return out
 
 
 def split_mnist(
@@ -494,8 +521,12 @@ def split_mnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
-    """Split MNIST: the 10 digits in ``n_experiences`` experiences of disjoint classes."""
+    """Split MNIST: the 10 digits in ``n_experiences`` experiences of disjoint classes. ``pad``
+    zero pixels on every side (2: 32×32); ``normalize=False``: pixels in [0, 1] instead of
+    standardised with MNIST's mean and std."""
     # no flips when augmenting: a mirrored digit is another symbol
     return _split_dataset("split_mnist", "mnist", MNIST_MEAN, MNIST_STD, flip=False, **locals())
 
@@ -509,8 +540,11 @@ def split_fmnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
-    """Split Fashion-MNIST: the 10 clothing classes in experiences of disjoint classes."""
+    """Split Fashion-MNIST: the 10 clothing classes in experiences of disjoint classes. ``pad``
+    and ``normalize`` as for :func:`split_mnist`."""
     return _split_dataset("split_fmnist", "fashion_mnist", FMNIST_MEAN, FMNIST_STD, **locals())
 
 
