@@ -42,14 +42,23 @@ def _number(v: object) -> bool:
 
 
 class SI:
-    def __init__(self, si_lambda: float = 1.0, xi: float = 1e-3, gradient: str = "task"):
+    def __init__(
+        self,
+        si_lambda: float = 1.0,
+        xi: float = 1e-3,
+        gradient: str = "task",
+        clip_importance: bool = True,
+    ):
         if not _number(si_lambda) or si_lambda < 0:
             raise ValueError(f"SI si_lambda={si_lambda!r} must be a finite number ≥ 0")
         if not _number(xi) or xi <= 0:
             raise ValueError(f"SI xi={xi!r} must be a finite number > 0")
         if gradient not in ("task", "total"):
             raise ValueError(f"SI gradient={gradient!r} is not one of task, total")
+        if not isinstance(clip_importance, bool):
+            raise ValueError(f"SI clip_importance={clip_importance!r} must be true or false")
         self.si_lambda, self.xi, self.gradient = float(si_lambda), float(xi), gradient
+        self.clip_importance = clip_importance
         self.importance: dict[str, Tensor] = {}  # Ω
         self.anchor: dict[str, Tensor] = {}  # θ*
         self.path: dict[str, Tensor] = {}  # ω of the experience being trained
@@ -106,7 +115,7 @@ class SI:
             old = self.importance.get(name)
             if old is not None:
                 omega[_old(old.shape)] += old
-            self.importance[name] = omega.clamp_(min=0)
+            self.importance[name] = omega.clamp_(min=0) if self.clip_importance else omega
             self.anchor[name] = p.detach().clone()
         self.path, self.start = {}, {}
 
