@@ -422,9 +422,12 @@ def synthetic(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
     """Generated class-incremental data: each class is a random uint8 prototype image plus
-    Gaussian pixel noise. Learnable in a few steps, no download; for tests and smoke runs."""
+    Gaussian pixel noise. Learnable in a few steps, no download; for tests and smoke runs.
+    ``pad`` and ``normalize`` as for :func:`split_mnist`."""
     if n_classes < 2 or train_per_class < 1 or test_per_class < 1 or image_size < 1:
         raise ValueError(
             "benchmark: n_classes must be ≥ 2, train/test_per_class and image_size ≥ 1"
@@ -439,7 +442,8 @@ def synthetic(
 
     x_tr, y_tr = sample(train_per_class)
     x_te, y_te = sample(test_per_class)
-    data = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+    data = zero_pad({"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, pad)
+    _check_normalize(normalize)
     b = split_by_class(
         "synthetic",
         data,
@@ -447,8 +451,8 @@ def synthetic(
         n_experiences=n_experiences,
         class_order=class_order,
         seed=seed,
-        mean=0.5,
-        std=0.3,
+        mean=0.5 if normalize else 0.0,
+        std=0.3 if normalize else 1.0,
     )
     return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
 
@@ -482,8 +486,7 @@ def _split_dataset(
     from clrun.datasets import load_dataset
 
     data = zero_pad(load_dataset(dataset, data_dir, path), pad)
-    if not isinstance(normalize, bool):
-        raise ValueError(f"benchmark.normalize={normalize!r} must be true or false")
+    _check_normalize(normalize)
     if not normalize:  # pixels / 255: inputs in [0, 1]
         mean, std = 0.0, 1.0
     b = split_by_class(name, data, mean=mean, std=std, **split)
@@ -510,6 +513,11 @@ def zero_pad(data: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
             )
         out[key] = F.pad(data[key], (pad, pad, pad, pad))
     return out
+
+
+def _check_normalize(normalize: object) -> None:
+    if not isinstance(normalize, bool):
+        raise ValueError(f"benchmark.normalize={normalize!r} must be true or false")
 
 
 def split_mnist(

@@ -223,6 +223,11 @@ def test_zero_padding_in_a_run_config(fake_dataset):
     cfg = make_cfg("benchmark=split_mnist", "benchmark.pad=2", "benchmark.normalize=false")
     b = build(cfg.benchmark, "benchmark")
     assert b.input_shape == (1, 32, 32)
+    s = build(make_cfg("benchmark=synthetic", "benchmark.pad=1", "benchmark.normalize=false")
+              .benchmark, "benchmark")  # fmt: skip
+    x = s.train_stream[0].x[:3]
+    assert s.input_shape == (1, 10, 10) and int(x[..., 0, :].sum()) == 0
+    assert torch.allclose(s.prepare(x, s.train_stream[0].e[:3]), x.float() / 255)
     with pytest.raises(ConfigError, match="benchmark.pad=-2"):
         build(make_cfg("benchmark=split_mnist", "benchmark.pad=-2").benchmark, "benchmark")
 
