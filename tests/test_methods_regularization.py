@@ -518,3 +518,29 @@ def test_lwf_current_classes_survive_a_checkpoint():
     x = state.benchmark.prepare(batch.x, batch.e)
     out = state.model(x, batch.t)
     assert torch.equal(lwf.penalty(state, batch, x, out), copy.penalty(state, batch, x, out))
+
+
+@pytest.mark.parametrize("scenario,head", [("domain", "single"), ("task", "multi")])
+def test_lwf_seen_units_are_the_old_ones_outside_class_incremental(scenario, head):
+    """Domain-IL (one label space) and task-IL (one head per task) have no new units in the
+    distilled softmax: distill_units=seen gives exactly the penalty of old."""
+    state = _setup(scenario, head)
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    terms = []
+    for units in ("old", "seen"):
+        torch.manual_seed(1)
+        state.model = mlp(state.benchmark.input_shape, state.benchmark.n_classes, head=head,
+                          hidden_sizes=[16])  # fmt: skip
+        lwf = LwF(distill_units=units)
+        adapt_model(state.model, exp0)
+        lwf.post_update(state, exp0)
+        state.experience = 1
+        lwf.pre_update(state, exp1)
+        adapt_model(state.model, exp1)
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        batch = exp1.subset(torch.arange(8))
+        x = state.benchmark.prepare(batch.x, batch.e)
+        terms.append(lwf.penalty(state, batch, x, state.model(x, batch.t)))
+    assert float(terms[0]) > 0 and torch.equal(terms[0], terms[1])

@@ -5,8 +5,9 @@ Each parameter θ_k keeps a path integral ω_k of its contribution to the decrea
 the training trajectory. ``after_backward``: the gradient g of the step and θ before the step are
 recorded. ``after_step``: ω += −g·Δθ, with Δθ the update the optimiser actually made (momentum,
 Adam and weight decay included). ``post_update``: Ω ← max(0, Ω + ω / (Δ² + ``xi``)), Δ the
-parameter's total change over the experience; then θ* ← θ and ω ← 0. ``penalty``:
-``si_lambda`` · Σ Ω (θ − θ*)² (c and ξ in the paper; no ½, as in the paper).
+parameter's total change over the experience (the max(0, ·) only with ``clip_importance``, the
+default); then θ* ← θ and ω ← 0. ``penalty``: ``si_lambda`` · Σ Ω (θ − θ*)² (c and ξ in the
+paper; no ½, as in the paper).
 
 Which gradient (``gradient``: ``task``, the default, or ``total``). The paper integrates the gradient of the task loss, without the surrogate term
 (the authors' code uses its ``unreg_grads``); van de Ven's and Avalanche's implementations use the
@@ -16,8 +17,10 @@ loss (the classification loss, plus the penalties of components composed with SI
 reads that as g, then adds the penalty's gradient 2c·Ω (θ − θ*) to ``p.grad`` itself, so the
 optimiser steps on the gradient of the whole loss as usual. A parameter whose only gradient is
 SI's penalty (an old task's head) thus gets g = 0 exactly. The clip at 0 is also the authors'
-(``relu``): a step against the gradient (as momentum can take) makes ω negative. List SI before
-components that rewrite gradients (GEM, A-GEM), so that they see its penalty's gradient.
+(``relu``): a step against the gradient (as momentum can take) makes ω negative.
+``clip_importance=False`` keeps such negative Ω, as van de Ven et al.'s code does (their
+``update_omega`` adds ω / (Δ² + ε) unclipped); with ``gradient=total`` this is their SI. List SI
+before components that rewrite gradients (GEM, A-GEM), so that they see its penalty's gradient.
 
 Works in every scenario. Parameters that grew since θ* (incremental heads) are penalised on their
 old part only; units and parameters created later start with Ω = 0. Frozen parameters are not
