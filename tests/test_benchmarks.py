@@ -211,7 +211,9 @@ def test_zero_padding_and_unnormalised_inputs(fake_dataset, name):
         assert int(border.sum()) == 0
     x, e = b.train_stream[0].x[:5], b.train_stream[0].e[:5]
     out = b.prepare(x, e)
-    assert torch.allclose(out, x.float() / 255, atol=1e-7) and float(out[..., 0, :].abs().max()) == 0
+    assert (
+        torch.allclose(out, x.float() / 255, atol=1e-7) and float(out[..., 0, :].abs().max()) == 0
+    )
     assert b.info["pad"] == 2 and b.info["normalize"] is False
     for kwargs, message in (({"pad": -1}, "benchmark.pad=-1"), ({"pad": True}, "benchmark.pad=True"),
                             ({"normalize": "no"}, "benchmark.normalize='no'")):  # fmt: skip

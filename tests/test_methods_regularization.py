@@ -459,7 +459,10 @@ def test_lwf_weights_per_experience():
     assert [LwF(alpha=4.0).weights(c) for c in (1, 2, 5)] == [(1.0, 4.0)] * 3
     context = LwF(alpha=4.0, weighting="context")
     assert [context.weights(c) for c in (1, 2, 4, 5)] == [
-        (1.0, 0.0), (0.5, 2.0), (0.25, 3.0), (0.2, 3.2)
+        (1.0, 0.0),
+        (0.5, 2.0),
+        (0.25, 3.0),
+        (0.2, 3.2),
     ]
 
 

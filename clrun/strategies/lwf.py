@@ -59,7 +59,12 @@ class LwF:
         weighting: str = "fixed",
     ):
         for name, v in (("alpha", alpha), ("temperature", temperature)):
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v <= 0
+            ):
                 raise ValueError(f"LwF {name}={v!r} must be a finite number > 0")
         if distill_units not in DISTILL_UNITS:
             raise ValueError(
