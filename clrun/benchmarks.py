@@ -5,7 +5,8 @@ samples in their compact dtype (uint8 images) together with targets, task labels
 the experience each sample came from. Minibatches are index gathers; `Benchmark.prepare` turns a
 gathered raw batch into model input on the device: augmentation (training only), the
 per-experience domain transform (a pixel permutation or a rotation), then normalisation. Nothing
-here needs a DataLoader.
+here needs a DataLoader. Zero padding (``benchmark.pad``) is applied once, to the stored images;
+``benchmark.normalize=false`` replaces the standardisation by pixels / 255.
 
 Scenarios (``benchmark.scenario``):
 

@@ -80,6 +80,7 @@ class LwF:
         self.old_classes: list[int] = []
         self.current_classes: list[int] = []
         self._units: Tensor | None = None
+        self._seen_units: Tensor | None = None  # old units, then the current experience's new ones
         self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
 
     def _multi_head(self, state: RunState) -> bool:
@@ -101,6 +102,7 @@ class LwF:
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         self.current_classes = list(exp.classes)
+        self._seen_units = None
 
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if self._saved_teacher is not None:
@@ -114,15 +116,16 @@ class LwF:
         t, units = self.temperature, self._units
         log_p_old = F.log_softmax(old[..., units] / t, dim=-1)
         if self.distill_units == "seen" and not multi:
-            seen = self._seen(state, units)
+            if self._seen_units is None:  # once per experience: no host-to-device copy per step
+                self._seen_units = self._seen(units)
             # the old units come first in ``seen``: the teacher's zeros on the rest add nothing
-            log_p_new = F.log_softmax(new[..., seen] / t, dim=-1)[..., : len(units)]
+            log_p_new = F.log_softmax(new[..., self._seen_units] / t, dim=-1)[..., : len(units)]
         else:
             log_p_new = F.log_softmax(new[..., units] / t, dim=-1)
         kl = F.kl_div(log_p_new, log_p_old, log_target=True, reduction="sum")
         return self.weights(self.context(state))[1] * kl / x.shape[0]
 
-    def _seen(self, state: RunState, units: Tensor) -> Tensor:
+    def _seen(self, units: Tensor) -> Tensor:
         """The old units, then the current experience's classes that are not old."""
         new = [c for c in self.current_classes if c not in set(self.old_classes)]
         return torch.cat([units, torch.tensor(new, dtype=units.dtype, device=units.device)])
@@ -137,7 +140,7 @@ class LwF:
             teacher.load_state_dict(weights)
         self.teacher = teacher.eval().requires_grad_(False)
         self._units = torch.tensor(self.old_classes, device=state.device)
-        self._saved_teacher = None
+        self._seen_units, self._saved_teacher = None, None
 
     def state_dict(self) -> dict:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
