@@ -62,9 +62,19 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", METHODS)
+VARIANTS = {  # method → extra overrides
+    **{m: () for m in METHODS},
+    "lwf_plain": (),
+    "lwf_seen": ("strategy.distill_units=seen",),
+    "lwf_vandeven": ("strategy.distill_units=seen", "strategy.weighting=context"),
+    "si_vandeven": ("strategy.si_gradient=total", "strategy.si_clip_importance=false"),
+}
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_resume_inside_an_experience_is_bit_identical(run_debug, tmp_path, monkeypatch, method):
-    overrides = (f"strategy={method}", "model.head=incremental", "checkpoint.every_n_steps=10")
+    overrides = (f"strategy={method.split('_')[0]}", *VARIANTS[method], "model.head=incremental",
+                 "checkpoint.every_n_steps=10")  # fmt: skip
     _, full = run_debug(*overrides)
     save, steps = checkpoint.save, []
 
