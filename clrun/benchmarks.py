@@ -5,7 +5,8 @@ samples in their compact dtype (uint8 images) together with targets, task labels
 the experience each sample came from. Minibatches are index gathers; `Benchmark.prepare` turns a
 gathered raw batch into model input on the device: augmentation (training only), the
 per-experience domain transform (a pixel permutation or a rotation), then normalisation. Nothing
-here needs a DataLoader.
+here needs a DataLoader. Zero padding (``benchmark.pad``) is applied once, to the stored images;
+``benchmark.normalize=false`` replaces the standardisation by pixels / 255.
 
 Scenarios (``benchmark.scenario``):
 
@@ -422,9 +423,12 @@ def synthetic(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
     """Generated class-incremental data: each class is a random uint8 prototype image plus
-    Gaussian pixel noise. Learnable in a few steps, no download; for tests and smoke runs."""
+    Gaussian pixel noise. Learnable in a few steps, no download; for tests and smoke runs.
+    ``pad`` and ``normalize`` as for :func:`split_mnist`."""
     if n_classes < 2 or train_per_class < 1 or test_per_class < 1 or image_size < 1:
         raise ValueError(
             "benchmark: n_classes must be ≥ 2, train/test_per_class and image_size ≥ 1"
@@ -439,7 +443,8 @@ def synthetic(
 
     x_tr, y_tr = sample(train_per_class)
     x_te, y_te = sample(test_per_class)
-    data = {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+    data = zero_pad({"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, pad)
+    _check_normalize(normalize)
     b = split_by_class(
         "synthetic",
         data,
@@ -447,8 +452,8 @@ def synthetic(
         n_experiences=n_experiences,
         class_order=class_order,
         seed=seed,
-        mean=0.5,
-        std=0.3,
+        mean=0.5 if normalize else 0.0,
+        std=0.3 if normalize else 1.0,
     )
     return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
 
@@ -472,17 +477,48 @@ def _split_dataset(
     online_batch_size: int,
     flip: bool = True,
     path: str | None = None,
+    pad: int = 0,
+    normalize: bool = True,
     **split: object,
 ) -> Benchmark:
     """A stored dataset split by class, with the options every benchmark shares. The public
-    functions below pass their arguments straight through (``**locals()``)."""
+    functions below pass their arguments straight through (``**locals()``). ``pad`` and
+    ``normalize``: see :func:`zero_pad`."""
     from clrun.datasets import load_dataset
 
-    data = load_dataset(dataset, data_dir, path)
+    data = zero_pad(load_dataset(dataset, data_dir, path), pad)
+    _check_normalize(normalize)
+    if not normalize:  # pixels / 255: inputs in [0, 1]
+        mean, std = 0.0, 1.0
     b = split_by_class(name, data, mean=mean, std=std, **split)
+    b.info.update(pad=pad, normalize=normalize)
     return _finish(
         b, augment=augment, flip=flip, online=online, online_batch_size=online_batch_size
     )
+
+
+def zero_pad(data: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
+    """The dataset with ``pad`` black (zero) pixels added on every side of every image, once, in
+    its stored dtype: ``pad=2`` turns MNIST's 28×28 into the 32×32 of van de Ven et al.'s
+    protocols (``transforms.Pad(2)``). Normalisation (``normalize=false``: pixels / 255, in [0, 1],
+    as theirs) comes after, per batch; the padding is black before it, whatever the mean."""
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"benchmark.pad={pad!r} must be an integer ≥ 0 (pixels per side)")
+    if pad == 0:
+        return data
+    out = dict(data)
+    for key in ("x_train", "x_test"):
+        if data[key].dim() not in (3, 4):
+            raise ValueError(
+                f"benchmark.pad={pad} needs images, not inputs shaped {tuple(data[key].shape)}"
+            )
+        out[key] = F.pad(data[key], (pad, pad, pad, pad))
+    return out
+
+
+def _check_normalize(normalize: object) -> None:
+    if not isinstance(normalize, bool):
+        raise ValueError(f"benchmark.normalize={normalize!r} must be true or false")
 
 
 def split_mnist(
@@ -494,8 +530,12 @@ def split_mnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
-    """Split MNIST: the 10 digits in ``n_experiences`` experiences of disjoint classes."""
+    """Split MNIST: the 10 digits in ``n_experiences`` experiences of disjoint classes. ``pad``
+    zero pixels on every side (2: 32×32); ``normalize=False``: pixels in [0, 1] instead of
+    standardised with MNIST's mean and std."""
     # no flips when augmenting: a mirrored digit is another symbol
     return _split_dataset("split_mnist", "mnist", MNIST_MEAN, MNIST_STD, flip=False, **locals())
 
@@ -509,8 +549,11 @@ def split_fmnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    pad: int = 0,
+    normalize: bool = True,
 ) -> Benchmark:
-    """Split Fashion-MNIST: the 10 clothing classes in experiences of disjoint classes."""
+    """Split Fashion-MNIST: the 10 clothing classes in experiences of disjoint classes. ``pad``
+    and ``normalize`` as for :func:`split_mnist`."""
     return _split_dataset("split_fmnist", "fashion_mnist", FMNIST_MEAN, FMNIST_STD, **locals())
 
 

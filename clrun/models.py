@@ -74,11 +74,15 @@ class _Units(nn.Module):
         return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint of a grown head loads into a fresh one: take the saved size first.
+        # A checkpoint of a grown head loads into a fresh one: take the saved size first. The
+        # layer is made uninitialised (meta, then empty): its values are loaded right after, and
+        # an initialisation would draw from the global RNG (a teacher loaded lazily mid-run would
+        # then change the initialisation of every unit grown later).
         weight = state_dict.get(prefix + "linear.weight")
         if weight is not None and weight.shape != self.linear.weight.shape:
             dev = self.linear.weight.device
-            self.linear = nn.Linear(self.in_features, weight.shape[0]).to(dev)
+            shape = (self.in_features, weight.shape[0])
+            self.linear = nn.Linear(*shape, device="meta").to_empty(device=dev)
             self.classes = torch.zeros(weight.shape[0], dtype=torch.long, device=dev)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

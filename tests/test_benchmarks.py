@@ -195,6 +195,45 @@ def test_per_channel_normalisation_and_the_scalar_case_unchanged(fake_dataset):
         bm.Benchmark("b", "class", [], [], 2, (3, 4, 4), (0.5, 0.5), 0.2)
 
 
+@pytest.mark.parametrize("name", ["split_mnist", "split_fmnist"])
+def test_zero_padding_and_unnormalised_inputs(fake_dataset, name):
+    """pad=2: 28×28 → 32×32 with a black border around the untouched image; normalize=false:
+    pixels / 255 in [0, 1] (van de Ven et al.'s inputs); the defaults are unchanged."""
+    plain = getattr(bm, name)()
+    b = getattr(bm, name)(pad=2, normalize=False)
+    assert plain.input_shape == (1, 28, 28) and b.input_shape == (1, 32, 32)
+    for ex_plain, ex in zip(plain.train_stream + plain.test_stream,
+                            b.train_stream + b.test_stream, strict=True):  # fmt: skip
+        assert ex.x.dtype == torch.uint8 and ex.x.shape[-2:] == (32, 32)
+        assert torch.equal(ex.x[..., 2:30, 2:30], ex_plain.x)
+        border = ex.x.clone()
+        border[..., 2:30, 2:30] = 0
+        assert int(border.sum()) == 0
+    x, e = b.train_stream[0].x[:5], b.train_stream[0].e[:5]
+    out = b.prepare(x, e)
+    assert (
+        torch.allclose(out, x.float() / 255, atol=1e-7) and float(out[..., 0, :].abs().max()) == 0
+    )
+    assert b.info["pad"] == 2 and b.info["normalize"] is False
+    for kwargs, message in (({"pad": -1}, "benchmark.pad=-1"), ({"pad": True}, "benchmark.pad=True"),
+                            ({"normalize": "no"}, "benchmark.normalize='no'")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            getattr(bm, name)(**kwargs)
+
+
+def test_zero_padding_in_a_run_config(fake_dataset):
+    cfg = make_cfg("benchmark=split_mnist", "benchmark.pad=2", "benchmark.normalize=false")
+    b = build(cfg.benchmark, "benchmark")
+    assert b.input_shape == (1, 32, 32)
+    s = build(make_cfg("benchmark=synthetic", "benchmark.pad=1", "benchmark.normalize=false")
+              .benchmark, "benchmark")  # fmt: skip
+    x = s.train_stream[0].x[:3]
+    assert s.input_shape == (1, 10, 10) and int(x[..., 0, :].sum()) == 0
+    assert torch.allclose(s.prepare(x, s.train_stream[0].e[:3]), x.float() / 255)
+    with pytest.raises(ConfigError, match="benchmark.pad=-2"):
+        build(make_cfg("benchmark=split_mnist", "benchmark.pad=-2").benchmark, "benchmark")
+
+
 def test_augment_needs_images(tmp_path):
     np.savez(tmp_path / "v.npz", x=np.random.rand(40, 6).astype(np.float32), y=np.arange(40) % 4)
     with pytest.raises(ValueError, match=r"augment=true needs image inputs \(C, H, W\)"):

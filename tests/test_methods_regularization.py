@@ -1,8 +1,9 @@
 """SI, MAS, RWalk, GEM and A-GEM: end to end in every scenario, bit-identical resumption, and
 exact checks of their parts (GEM's quadratic program, A-GEM's projection, the importances, the
-state round trips)."""
+state round trips); LwF's distillation targets and per-experience weights."""
 
 import itertools
+import math
 import re
 
 import numpy as np
@@ -16,7 +17,7 @@ from clrun.benchmarks import Experience, synthetic
 from clrun.components import Components, RunState
 from clrun.config import ConfigError
 from clrun.models import adapt_model, mlp
-from clrun.strategies import AGEM, GEM, MAS, SI, RWalk
+from clrun.strategies import AGEM, GEM, MAS, SI, LwF, RWalk
 from clrun.strategies.agem import agem_project
 from clrun.strategies.gem import gem_project, nnls_gram
 
@@ -60,9 +61,19 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", METHODS)
+VARIANTS = {  # method → extra overrides
+    **{m: () for m in METHODS},
+    "lwf_plain": (),
+    "lwf_seen": ("strategy.distill_units=seen",),
+    "lwf_vandeven": ("strategy.distill_units=seen", "strategy.weighting=context"),
+    "si_vandeven": ("strategy.si_gradient=total", "strategy.si_clip_importance=false"),
+}
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_resume_inside_an_experience_is_bit_identical(run_debug, tmp_path, monkeypatch, method):
-    overrides = (f"strategy={method}", "model.head=incremental", "checkpoint.every_n_steps=10")
+    overrides = (f"strategy={method.split('_')[0]}", *VARIANTS[method], "model.head=incremental",
+                 "checkpoint.every_n_steps=10")  # fmt: skip
     _, full = run_debug(*overrides)
     save, steps = checkpoint.save, []
 
@@ -93,6 +104,10 @@ def test_bad_hyperparameter_in_config_names_the_key(run_debug):
     [
         (SI, {"si_lambda": -1.0}, "si_lambda=-1.0"),
         (SI, {"xi": 0}, "xi=0"),
+        (SI, {"clip_importance": "no"}, "clip_importance='no'"),
+        (LwF, {"alpha": True}, "alpha=True"),
+        (LwF, {"distill_units": "all"}, "distill_units='all' is not one of old, seen"),
+        (LwF, {"weighting": "1/c"}, "weighting='1/c' is not one of fixed, context"),
         (MAS, {"mas_lambda": float("nan")}, "mas_lambda=nan"),
         (MAS, {"alpha": 1.5}, "alpha=1.5"),
         (MAS, {"importance_samples": 0}, "importance_samples=0"),
@@ -206,14 +221,18 @@ def test_path_integral_uses_the_gradient_of_the_loss_without_the_own_penalty(mak
     assert float(named[head0[0]].grad.abs().sum()) > 0  # the penalty pulls on the old head
 
 
-def test_si_importance_is_the_path_integral_over_the_damped_distance():
-    """Plain SGD on one parameter: ω = Σ lr·g², Ω = ω / (Δ² + ξ), by hand."""
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_si_importance_is_the_path_integral_over_the_damped_distance(clip, maximize):
+    """Plain SGD on one parameter: ω = Σ lr·g², Ω = ω / (Δ² + ξ), by hand. Steps up the
+    gradient (``maximize``) make ω = −Σ lr·g² < 0: Ω is then 0 with ``clip_importance`` (Zenke
+    et al.), and negative without (van de Ven et al.'s code)."""
     state = _setup()
-    si = SI(xi=0.5)
+    si = SI(xi=0.5, clip_importance=clip)
     components = Components({"si": si})
     exp = state.benchmark.train_stream[0]
     adapt_model(state.model, exp)
-    state.optimizer = torch.optim.SGD(state.model.parameters(), lr=0.1)
+    state.optimizer = torch.optim.SGD(state.model.parameters(), lr=0.1, maximize=maximize)
     bias = state.model.head.linear.bias
     start, omega = bias.detach().clone(), torch.zeros_like(bias)
     for i in range(3):
@@ -222,7 +241,9 @@ def test_si_importance_is_the_path_integral_over_the_damped_distance():
         omega += -bias.grad * (bias.detach() - before)
     si.post_update(state, exp)
     expected = omega / ((bias.detach() - start) ** 2 + 0.5)
-    assert torch.allclose(si.importance["head.linear.bias"], expected.clamp(min=0), rtol=1e-6)
+    assert bool((expected < 0).all()) if maximize else bool((expected > 0).all())
+    expected = expected.clamp(min=0) if clip else expected
+    assert torch.allclose(si.importance["head.linear.bias"], expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("make", [SI, MAS, RWalk], ids=["si", "mas", "rwalk"])
@@ -429,3 +450,101 @@ def test_linear_fast_path_equals_per_sample_vmap(head, monkeypatch):
         monkeypatch.undo()
         for k in slow:
             assert torch.allclose(fast[k], slow[k], rtol=1e-4, atol=1e-6), k
+
+
+# --------------------------------------------------------------------------- LwF
+
+
+def test_lwf_weights_per_experience():
+    """fixed: CE + alpha·KL; context: (1/c)·CE + (1 − 1/c)·alpha·KL (van de Ven et al.)."""
+    assert [LwF(alpha=4.0).weights(c) for c in (1, 2, 5)] == [(1.0, 4.0)] * 3
+    context = LwF(alpha=4.0, weighting="context")
+    assert [context.weights(c) for c in (1, 2, 4, 5)] == [
+        (1.0, 0.0),
+        (0.5, 2.0),
+        (0.25, 3.0),
+        (0.2, 3.2),
+    ]
+
+
+@pytest.mark.parametrize(
+    "units,weighting,kl,loss_weight",
+    [
+        ("old", "fixed", 0.0, None),  # 2 old units, equal logits: p = p̃ = (½, ½)
+        ("seen", "fixed", math.log(2), None),  # p over 4 seen units: ¼ each; p̃ (½, ½, 0, 0)
+        ("seen", "context", (1 - 1 / 2) * 4 * math.log(2), 1 / 2),  # c = 2, alpha = 4
+    ],
+)
+def test_lwf_distillation_targets_by_hand(units, weighting, kl, loss_weight):
+    """Teacher and student with all-zero logits after experience 0 (2 classes), training
+    experience 1 (2 other classes): the KL is 0 over the old units, log 2 over the seen ones (the
+    teacher's zeros on the 2 new classes); with weighting=context LwF also gives the runner's loss,
+    (1/c)·CE."""
+    state = _setup("class", "incremental")
+    lwf = LwF(alpha=4.0 if weighting == "context" else 1.0, distill_units=units,
+              weighting=weighting)  # fmt: skip
+    components = Components({"lwf": lwf})
+    assert bool(components["loss"]) == (loss_weight is not None)
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    adapt_model(state.model, exp0)
+    with torch.no_grad():
+        for p in state.model.head.parameters():
+            p.zero_()
+    lwf.post_update(state, exp0)  # the teacher: zero logits on classes 0, 1
+    state.experience = exp1.index
+    lwf.pre_update(state, exp1)
+    adapt_model(state.model, exp1)
+    with torch.no_grad():
+        for p in state.model.head.parameters():
+            p.zero_()
+    batch = exp1.subset(torch.arange(8))
+    x = state.benchmark.prepare(batch.x, batch.e)
+    out = state.model(x, batch.t)
+    assert math.isclose(float(lwf.penalty(state, batch, x, out)), kl, abs_tol=1e-6)
+    if loss_weight is not None:  # CE over the 4 units grown so far: log 4
+        loss = components["loss"][-1](state, batch, x, out)
+        assert math.isclose(float(loss), loss_weight * math.log(4), rel_tol=1e-6)
+
+
+def test_lwf_current_classes_survive_a_checkpoint():
+    state = _setup("class", "incremental")
+    lwf = LwF(distill_units="seen")
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    adapt_model(state.model, exp0)
+    lwf.post_update(state, exp0)
+    lwf.pre_update(state, exp1)
+    adapt_model(state.model, exp1)
+    copy = LwF(distill_units="seen")
+    copy.load_state_dict(round_trip(lwf))  # resumed inside experience 1: no pre_update
+    assert copy.current_classes == exp1.classes and copy.old_classes == exp0.classes
+    state.experience = 1
+    batch = exp1.subset(torch.arange(8))
+    x = state.benchmark.prepare(batch.x, batch.e)
+    out = state.model(x, batch.t)
+    assert torch.equal(lwf.penalty(state, batch, x, out), copy.penalty(state, batch, x, out))
+
+
+@pytest.mark.parametrize("scenario,head", [("domain", "single"), ("task", "multi")])
+def test_lwf_seen_units_are_the_old_ones_outside_class_incremental(scenario, head):
+    """Domain-IL (one label space) and task-IL (one head per task) have no new units in the
+    distilled softmax: distill_units=seen gives exactly the penalty of old."""
+    state = _setup(scenario, head)
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    terms = []
+    for units in ("old", "seen"):
+        torch.manual_seed(1)
+        state.model = mlp(state.benchmark.input_shape, state.benchmark.n_classes, head=head,
+                          hidden_sizes=[16])  # fmt: skip
+        lwf = LwF(distill_units=units)
+        adapt_model(state.model, exp0)
+        lwf.post_update(state, exp0)
+        state.experience = 1
+        lwf.pre_update(state, exp1)
+        adapt_model(state.model, exp1)
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        batch = exp1.subset(torch.arange(8))
+        x = state.benchmark.prepare(batch.x, batch.e)
+        terms.append(lwf.penalty(state, batch, x, state.model(x, batch.t)))
+    assert float(terms[0]) > 0 and torch.equal(terms[0], terms[1])

@@ -16,7 +16,7 @@ from clrun.buffers import ClassBalancedBuffer, ReservoirBuffer
 from clrun.components import Components, RunState
 from clrun.config import ConfigError
 from clrun.models import CLModel, adapt_model, make_head, mlp
-from clrun.strategies import EWC, MAS, Amnesiac, Cumulative, LwF, RWalk
+from clrun.strategies import EWC, MAS, SI, Amnesiac, Cumulative, LwF, RWalk
 from clrun.strategies.amnesiac import _float_state
 
 # --------------------------------------------------------------------------- driving components
@@ -223,13 +223,12 @@ def test_lwf_forgets_the_classes_and_retakes_its_teacher():
     assert not lwf.retake_teacher and lwf._units.tolist() == c1
 
 
-@pytest.mark.parametrize("make", [MAS, RWalk], ids=["mas", "rwalk"])
+@pytest.mark.parametrize("make", [SI, MAS, RWalk], ids=["si", "mas", "rwalk"])
 def test_importance_methods_reanchor_at_the_unlearned_model(make):
     method = make()
     state = _trained(method, 2)
-    importance = {
-        n: v.clone() for n, v in (method.importance if make is MAS else method.weights).items()
-    }
+    kept = "weights" if make is RWalk else "importance"
+    importance = {n: v.clone() for n, v in getattr(method, kept).items()}
     method.forget(state, [0])
     method.load_state_dict(round_trip(method))
     with torch.no_grad():
@@ -238,8 +237,7 @@ def test_importance_methods_reanchor_at_the_unlearned_model(make):
     method.pre_update(state, state.benchmark.train_stream[2])
     for name, p in state.model.named_parameters():
         assert torch.equal(method.anchor[name], p)
-    kept = method.importance if make is MAS else method.weights
-    assert all(torch.equal(kept[n], v) for n, v in importance.items())
+    assert all(torch.equal(getattr(method, kept)[n], v) for n, v in importance.items())
 
 
 @pytest.mark.parametrize("mode", ["separate", "online"])
@@ -413,7 +411,7 @@ def test_split_mnist_task_il_amnesiac_lwf_forgets_one_experience(tmp_path):
     assert (run_dir / "unlearning.png").exists()
 
 
-@pytest.mark.parametrize("strategy", ["gem", "agem", "mas", "rwalk", "er_ace", "icarl", "der",
+@pytest.mark.parametrize("strategy", ["gem", "agem", "si", "mas", "rwalk", "er_ace", "icarl", "der",
                                       "replay_lwf", "replay_ewc", "cumulative"])  # fmt: skip
 def test_methods_with_a_forget_hook_unlearn_with_amnesiac(run_debug, strategy):
     summary, run_dir = run_debug(

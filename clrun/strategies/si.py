@@ -5,8 +5,9 @@ Each parameter θ_k keeps a path integral ω_k of its contribution to the decrea
 the training trajectory. ``after_backward``: the gradient g of the step and θ before the step are
 recorded. ``after_step``: ω += −g·Δθ, with Δθ the update the optimiser actually made (momentum,
 Adam and weight decay included). ``post_update``: Ω ← max(0, Ω + ω / (Δ² + ``xi``)), Δ the
-parameter's total change over the experience; then θ* ← θ and ω ← 0. ``penalty``:
-``si_lambda`` · Σ Ω (θ − θ*)² (c and ξ in the paper; no ½, as in the paper).
+parameter's total change over the experience (the max(0, ·) only with ``clip_importance``, the
+default); then θ* ← θ and ω ← 0. ``penalty``: ``si_lambda`` · Σ Ω (θ − θ*)² (c and ξ in the
+paper; no ½, as in the paper).
 
 Which gradient (``gradient``: ``task``, the default, or ``total``). The paper integrates the gradient of the task loss, without the surrogate term
 (the authors' code uses its ``unreg_grads``); van de Ven's and Avalanche's implementations use the
@@ -16,8 +17,10 @@ loss (the classification loss, plus the penalties of components composed with SI
 reads that as g, then adds the penalty's gradient 2c·Ω (θ − θ*) to ``p.grad`` itself, so the
 optimiser steps on the gradient of the whole loss as usual. A parameter whose only gradient is
 SI's penalty (an old task's head) thus gets g = 0 exactly. The clip at 0 is also the authors'
-(``relu``): a step against the gradient (as momentum can take) makes ω negative. List SI before
-components that rewrite gradients (GEM, A-GEM), so that they see its penalty's gradient.
+(``relu``): a step against the gradient (as momentum can take) makes ω negative.
+``clip_importance=False`` keeps such negative Ω, as van de Ven et al.'s code does (their
+``update_omega`` adds ω / (Δ² + ε) unclipped); with ``gradient=total`` this is their SI. List SI
+before components that rewrite gradients (GEM, A-GEM), so that they see its penalty's gradient.
 
 Works in every scenario. Parameters that grew since θ* (incremental heads) are penalised on their
 old part only; units and parameters created later start with Ω = 0. Frozen parameters are not
@@ -42,16 +45,26 @@ def _number(v: object) -> bool:
 
 
 class SI:
-    def __init__(self, si_lambda: float = 1.0, xi: float = 1e-3, gradient: str = "task"):
+    def __init__(
+        self,
+        si_lambda: float = 1.0,
+        xi: float = 1e-3,
+        gradient: str = "task",
+        clip_importance: bool = True,
+    ):
         if not _number(si_lambda) or si_lambda < 0:
             raise ValueError(f"SI si_lambda={si_lambda!r} must be a finite number ≥ 0")
         if not _number(xi) or xi <= 0:
             raise ValueError(f"SI xi={xi!r} must be a finite number > 0")
         if gradient not in ("task", "total"):
             raise ValueError(f"SI gradient={gradient!r} is not one of task, total")
+        if not isinstance(clip_importance, bool):
+            raise ValueError(f"SI clip_importance={clip_importance!r} must be true or false")
         self.si_lambda, self.xi, self.gradient = float(si_lambda), float(xi), gradient
+        self.clip_importance = clip_importance
         self.importance: dict[str, Tensor] = {}  # Ω
         self.anchor: dict[str, Tensor] = {}  # θ*
+        self.reanchor = False  # set by forget: the next pre_update anchors at the model
         self.path: dict[str, Tensor] = {}  # ω of the experience being trained
         self.start: dict[str, Tensor] = {}  # θ at the first step of that experience
         self.experience: int | None = None  # the experience ``path`` and ``start`` belong to
@@ -106,9 +119,20 @@ class SI:
             old = self.importance.get(name)
             if old is not None:
                 omega[_old(old.shape)] += old
-            self.importance[name] = omega.clamp_(min=0)
+            self.importance[name] = omega.clamp_(min=0) if self.clip_importance else omega
             self.anchor[name] = p.detach().clone()
         self.path, self.start = {}, {}
+
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if self.reanchor:
+            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.reanchor = False
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: Ω, a running sum over experiences, cannot be split and is kept
+        (it weighs parameters, it stores no samples); the anchor carries the forgotten updates
+        and moves to the unlearned parameters at the next experience."""
+        self.reanchor = bool(self.anchor)
 
     def state_dict(self) -> dict:
         return {
@@ -117,9 +141,11 @@ class SI:
             "path": self.path,
             "start": self.start,
             "experience": self.experience,
+            "reanchor": self.reanchor,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.importance, self.anchor = dict(state["importance"]), dict(state["anchor"])
         self.path, self.start = dict(state["path"]), dict(state["start"])
         self.experience = state["experience"]
+        self.reanchor = bool(state.get("reanchor", False))
