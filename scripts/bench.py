@@ -133,7 +133,8 @@ def clrun_result(run_dir: Path, wall: float) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     R = [[m["acc"] for m in records if m["trained_through"] == i] for i in range(-1, 5)]
     return {"wall_s": wall, "train_s": r["train_time_s"], "acc": r["final_avg_acc"],
-            "samples_per_s": r["samples_per_s"], "peak_rss_mb": r["peak_rss_mb"], "R": R}  # fmt: skip
+            "samples_per_s": r["samples_per_s"], "peak_rss_mb": r["peak_rss_mb"],
+            "peak_gpu_mb": r.get("peak_gpu_mem_mb", 0.0), "R": R}  # fmt: skip
 
 
 def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> list[dict]:
@@ -174,10 +175,12 @@ def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
         + (f" clrun only: {' '.join(extra)}." if extra else ""),
         "",
         "| workload | whole process clrun / bare (s) | ratio | training clrun / bare (s) | ratio "
-        "| samples/s clrun | peak RSS clrun / bare (MB) | final acc clrun / bare | max ΔR |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| samples/s clrun | peak RSS clrun / bare (MB) | final acc clrun / bare | max ΔR |"
+        + (" peak GPU memory clrun / bare (MB) |" if s.device == "cuda" else ""),
+        "| --- " * (10 if s.device == "cuda" else 9) + "|",
     ]
     for r in rows:
+        gpu = f" {r['clrun_peak_gpu_mb']:.0f} / {r['bare_peak_gpu_mb']:.0f} |"
         lines.append(
             f"| {r['workload']} | {r['clrun_wall_s']:.2f} / {r['bare_wall_s']:.2f} "
             f"| {r['clrun_wall_s'] / r['bare_wall_s']:.3f} "
@@ -185,31 +188,26 @@ def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
             f"| {r['clrun_train_s'] / r['bare_train_s']:.3f} | {r['clrun_samples_per_s']:.0f} "
             f"| {r['clrun_peak_rss_mb']:.0f} / {r['bare_peak_rss_mb']:.0f} "
             f"| {r['clrun_acc']:.4f} / {r['bare_acc']:.4f} | {r['max_acc_diff']:.1g} |"
+            + (gpu if s.device == "cuda" else "")
         )
     return "\n".join(lines)
 
 
 def write_cifar_folder(folder: Path, train_per_class: int, test_per_class: int) -> None:
     """CIFAR-shaped data in the official python format: each class a random prototype image plus
-    noise (learnable), 5 training batches and a test batch of pickled ``{data, labels}``."""
+    noise, in 5 training batches and a test batch of pickled ``{data, labels}``."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    protos = rng.integers(0, 256, (10, 3 * 32 * 32))
-
-    def sample(per_class: int) -> tuple[np.ndarray, list[int]]:
-        y = rng.permutation(np.repeat(np.arange(10), per_class))
-        x = protos[y] + rng.normal(0, 60, (len(y), 3 * 32 * 32))
-        return np.clip(np.rint(x), 0, 255).astype(np.uint8), y.tolist()
-
+    protos = rng.integers(0, 256, (10, 3 * 32 * 32)).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
-    x, y = sample(train_per_class)
-    parts = np.array_split(np.arange(len(y)), 5)
-    for i, part in enumerate(parts, 1):
-        batch = {"data": x[part], "labels": [y[j] for j in part]}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=4))
-    x, y = sample(test_per_class)
-    (folder / "test_batch").write_bytes(pickle.dumps({"data": x, "labels": y}, protocol=4))
+    train = rng.permutation(np.repeat(np.arange(10), train_per_class))
+    test = rng.permutation(np.repeat(np.arange(10), test_per_class))
+    files = {f"data_batch_{i}": part for i, part in enumerate(np.array_split(train, 5), 1)}
+    for name, y in {**files, "test_batch": test}.items():  # one file at a time: bounded memory
+        x = protos[y] + rng.normal(0, 60, (len(y), 3 * 32 * 32)).astype(np.float32)
+        batch = {"data": np.clip(np.rint(x), 0, 255).astype(np.uint8), "labels": y.tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
 
 
 # --------------------------------------------------------------------------- the bare loop
@@ -390,7 +388,9 @@ def bare(name: str, s: Settings, result: Path) -> None:
     result.write_text(json.dumps({
         "train_s": train_s, "acc": sum(R[-1]) / len(R[-1]), "R": [baseline, *R],
         "samples_per_s": samples / train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))  # fmt: skip
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
+    }))  # fmt: skip
 
 
 def _reduced_resnet18(nf: int = 20, n_classes: int = 10):
