@@ -35,18 +35,26 @@ TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 
 def plot_run(run_dir: Path, R: np.ndarray, title: str) -> None:
     """``acc_matrix.png`` and ``acc_curve.png`` in ``run_dir`` for the accuracy matrix ``R``
-    (one row per trained-through experience, one column per test experience)."""
+    (one row per trained-through experience, one column per test experience).
+
+    The garbage collector is paused meanwhile: the imports drawing needs (Pillow's, or
+    matplotlib's) can set off a full collection over every object of the run, ~0.15 s in a
+    process that holds torch; what the plots leave behind is collected later as usual."""
     R = np.asarray(R, dtype=float)
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        images = {
-            "acc_matrix.png": _matrix_image(R, title),
-            "acc_curve.png": _curve_image(R, title),
-        }
-        files = {name: _png(image) for name, image in images.items()}
-    except Exception as e:  # noqa: BLE001 - a Pillow without FreeType, say: use matplotlib
-        log.warning("drawing the plots with Pillow failed (%s: %s); using matplotlib",
-                    type(e).__name__, e)  # fmt: skip
-        files = _matplotlib_pngs(R, title)
+        try:
+            images = {"acc_matrix.png": _matrix_image(R, title),
+                      "acc_curve.png": _curve_image(R, title)}  # fmt: skip
+            files = {name: _png(image) for name, image in images.items()}
+        except Exception as e:  # noqa: BLE001 - a Pillow without FreeType, say: use matplotlib
+            log.warning("drawing the plots with Pillow failed (%s: %s); using matplotlib",
+                        type(e).__name__, e)  # fmt: skip
+            files = _matplotlib_pngs(R, title)
+    finally:
+        if was_enabled:
+            gc.enable()
     for name, data in files.items():
         write_atomic(Path(run_dir) / name, data)
 
@@ -286,31 +294,23 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _matplotlib_pngs(R: np.ndarray, title: str) -> dict[str, bytes]:
-    """The two plots drawn with matplotlib. The garbage collector is paused meanwhile: importing
-    matplotlib would set off a full collection over every object of the run (~0.2 s)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        fig = _figure((6, 4))
-        ax = fig.subplots()
-        n_rows, T = R.shape
-        steps = np.arange(n_rows)
-        for j in range(T):
-            ax.plot(steps[j:], R[j:, j], marker="o", label=f"exp {j}")
-        avg = [R[i, : i + 1].mean() for i in range(n_rows)]
-        ax.plot(steps, avg, "k--", lw=2, label="avg seen")
-        ax.set_xlabel("trained through experience")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_xticks(steps)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
-        out = {}
-        for name, f in (("acc_matrix.png", heatmap(R, title)), ("acc_curve.png", fig)):
-            buf = io.BytesIO()
-            f.savefig(buf, format="png", dpi=DPI)
-            out[name] = buf.getvalue()
-        return out
-    finally:
-        if was_enabled:
-            gc.enable()
+    """The two plots drawn with matplotlib."""
+    fig = _figure((6, 4))
+    ax = fig.subplots()
+    n_rows, T = R.shape
+    steps = np.arange(n_rows)
+    for j in range(T):
+        ax.plot(steps[j:], R[j:, j], marker="o", label=f"exp {j}")
+    ax.plot(steps, [R[i, : i + 1].mean() for i in range(n_rows)], "k--", lw=2, label="avg seen")
+    ax.set_xlabel("trained through experience")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(steps)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    out = {}
+    for name, f in (("acc_matrix.png", heatmap(R, title)), ("acc_curve.png", fig)):
+        buf = io.BytesIO()
+        f.savefig(buf, format="png", dpi=DPI)
+        out[name] = buf.getvalue()
+    return out
