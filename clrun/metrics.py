@@ -86,6 +86,18 @@ class Recorder:
             self.rows.append(results)
         self.flush()
 
+    def add_timing(self, experience: int, work: dict, eval_s: float) -> None:
+        """The costs of one experience: its training ``work`` (:meth:`Work.take`), the seconds
+        its evaluation took, and the process's memory now."""
+        self.timings.append({"experience": experience, **work, "eval_s": eval_s,
+                             "rss_mb": current_rss_mb()})  # fmt: skip
+
+    def progress(self, i: int) -> str:
+        """One log line after experience ``i``: its training work and the accuracy on seen."""
+        w, seen = self.timings[-1], [r["acc"] for r in self.rows[-1][: i + 1]]
+        return (f"experience {i + 1}/{self.T}: {w['steps']} steps in {w['train_s']:.1f}s, "
+                f"loss {w['train_loss']:.4f}, accuracy on seen {sum(seen) / len(seen):.4f}")  # fmt: skip
+
     def record_unlearning(self, after: int, forgotten: list[int], results: list[dict],
                           seconds: float, info: dict) -> None:  # fmt: skip
         """The evaluation right after forgetting ``forgotten`` (requested after experience

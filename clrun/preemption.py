@@ -46,7 +46,10 @@ class StopSignal:
         self.previous = {}
 
     def hand_over(self) -> None:
-        """After the checkpoint: let the previous handler act (submitit requeues), else raise."""
+        """After the checkpoint, if a signal came: let the previous handler act (submitit
+        requeues), else raise. Without a signal, nothing."""
+        if self.signum is None:
+            return
         previous = self.previous.get(self.signum)
         self.restore()
         if callable(previous) and previous is not signal.default_int_handler:

@@ -25,7 +25,7 @@ from clrun.components import Components, RunState, rebuild_optimizer
 from clrun.config import ConfigError, build, resolve_device, validate
 from clrun.io import flatten, write_json
 from clrun.loggers import NoLogger
-from clrun.metrics import Recorder, Work, current_rss_mb, run_summary
+from clrun.metrics import Recorder, Work, run_summary
 from clrun.models import adapt_model
 from clrun.preemption import RunInterrupted, StopSignal
 
@@ -102,9 +102,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             benchmark.load_state_dict(saved["benchmark"])
             vars(work).update(saved["work"])
             state.step, start, position = saved["step"], saved["next_experience"], saved["position"]
-            log.info(
-                "resumed from %s at experience %d, step %d", checkpoint.FILE, start, state.step
-            )
+            log.info("resumed from %s at experience %d, step %d", checkpoint.FILE, start, state.step)  # fmt: skip
         else:
             recorder.record(-1, evaluate(state, components, s.eval_batch_size))
 
@@ -113,8 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         def on_step(where: Callable[[], dict]) -> None:
             if stop.requested or (every_n and state.step % every_n == 0):
                 save(state.experience, where())
-                if stop.requested:
-                    stop.hand_over()
+                stop.hand_over()  # if a signal came
 
         def learn(exp: Experience, position: dict | None) -> None:
             data = exp
@@ -125,9 +122,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                     hook(state, exp)
                 reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
                 if adapt_model(model, data) or reset:
-                    state.optimizer = rebuild_optimizer(
-                        make_optimizer, model, state.optimizer, not reset
-                    )
+                    state.optimizer = rebuild_optimizer(make_optimizer, model, state.optimizer, not reset)  # fmt: skip
                 state.reset_optimizer = False
             t0 = time.perf_counter()
             steps, samples, losses = train_experience(state, data, components, gen, s, on_step, position)  # fmt: skip
@@ -146,49 +141,28 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
                 i, t1 = benchmark.origin(exp.index), time.perf_counter()
                 results = evaluate(state, components, s.eval_batch_size)
-                recorder.timings.append({"experience": i, **work.take(),
-                                         "eval_s": time.perf_counter() - t1,
-                                         "rss_mb": current_rss_mb()})  # fmt: skip
+                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t1)
                 recorder.record(i, results)
                 logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
-                seen, w = [r["acc"] for r in results[: i + 1]], recorder.timings[-1]
-                log.info("experience %d/%d: %d steps in %.1fs, loss %.4f, accuracy on seen %.4f",
-                         i + 1, len(benchmark.test_stream), w["steps"], w["train_s"],
-                         w["train_loss"], sum(seen) / len(seen))  # fmt: skip
+                log.info(recorder.progress(i))
                 if plan.active and i in plan.requests:
-                    t1, forget = time.perf_counter(), plan.requests[i]
-                    info = unlearning.handle_request(state, components, forget)
-                    after = evaluate(state, components, s.eval_batch_size)
-                    recorder.record_unlearning(i, forget, after, time.perf_counter() - t1, info)
-                    log.info("after experience %d: forgot experiences %s", i + 1, forget)
+                    unlearning.handle_request(state, components, recorder, i, plan.requests[i],
+                                              lambda: evaluate(state, components, s.eval_batch_size))  # fmt: skip
             save(exp.index + 1)
-            if stop.requested:
-                stop.hand_over()
+            stop.hand_over()
 
         summary.update(status="completed", **run_summary(recorder, t_start, device))
         summary.update(unlearning.summary(plan, recorder, components))
         write_json(run_dir / "summary.json", summary)
-        plots.plot_run(run_dir, recorder.acc_matrix, _title(choices, cfg))
-        if plan.active and plan.reference is not None:  # after the results are safe on disk
-            stop.restore()  # the reference run handles signals itself
-            summary["unlearning"]["reference"] = unlearning.against_reference(
-                cfg, plan, run_dir, choices, state, recorder
-            )
-            write_json(run_dir / "summary.json", summary)
-        if plan.active:
-            plots.plot_unlearning(run_dir, recorder, summary["unlearning"], _title(choices, cfg))
+        title = f"{summary.get('strategy')} on {summary.get('benchmark')} ({summary.get('model')}), seed {cfg.seed}"  # fmt: skip
+        plots.plot_run(run_dir, recorder.acc_matrix, title)
+        if plan.active:  # after the results are safe on disk; a reference run traps signals itself
+            stop.restore()
+            unlearning.finish(cfg, plan, run_dir, choices, state, recorder, summary, title)
         logger.close(summary)
         return summary
     except BaseException as e:
-        stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
-        summary.update(
-            status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
-        )
-        if not isinstance(e, ConfigError) and not stopped:
-            summary["traceback"] = traceback.format_exc()
-        if recorder is not None and recorder.rows:
-            summary.update(run_summary(recorder, t_start))
-        write_json(run_dir / "summary.json", summary)
+        _write_failure(run_dir, summary, e, recorder, t_start)
         logger.close(summary)
         raise
     finally:
@@ -283,10 +257,17 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
     ]
 
 
+def _write_failure(run_dir: Path, summary: dict, e: BaseException, recorder: Recorder | None,
+                   t_start: float) -> None:  # fmt: skip
+    """``summary.json`` of a run that failed or stopped: its error and the metrics it had."""
+    stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
+    summary.update(status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}")
+    if not isinstance(e, ConfigError) and not stopped:
+        summary["traceback"] = traceback.format_exc()
+    if recorder is not None and recorder.rows:
+        summary.update(run_summary(recorder, t_start))
+    write_json(run_dir / "summary.json", summary)
+
+
 def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):
     return F.cross_entropy(out, batch.y)
-
-
-def _title(choices: dict[str, str] | None, cfg: DictConfig) -> str:
-    c = choices or {}
-    return f"{c.get('strategy')} on {c.get('benchmark')} ({c.get('model')}), seed {cfg.seed}"

@@ -35,6 +35,8 @@ import copy
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from clrun import checkpoint
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build
+from clrun.io import write_json
 
 REFERENCE_DIR = "reference"
 log = logging.getLogger("clrun")
@@ -152,17 +155,34 @@ def without_experiences(samples: dict, experiences: list[int]) -> dict:
     return {f: v[keep] for f, v in samples.items()}
 
 
-def handle_request(state: RunState, components: Components, experiences: list[int]) -> dict:
-    """The runner's unlearning step: purge the run's buffer, then the components' ``forget``
-    hooks, then the unlearning method's ``unlearn``."""
-    purged = 0
+def handle_request(state: RunState, components: Components, recorder, after: int,
+                   experiences: list[int], evaluate: Callable[[], list[dict]]) -> None:  # fmt: skip
+    """The runner's unlearning step after experience ``after``: purge the run's buffer, call the
+    components' ``forget`` hooks, then the unlearning method's ``unlearn``, then evaluate."""
+    t0, purged = time.perf_counter(), 0
     if state.buffer is not None and len(state.buffer):
         purged = state.buffer.purge(experiences)
     for hook in components["forget"]:
         hook(state, experiences)
     for hook in components["unlearn"]:
         hook(state, experiences)
-    return {"buffer_samples_removed": purged}
+    results = evaluate()
+    info = {"buffer_samples_removed": purged}
+    recorder.record_unlearning(after, experiences, results, time.perf_counter() - t0, info)
+    log.info("after experience %d: forgot experiences %s", after + 1, experiences)
+
+
+def finish(cfg: DictConfig, p: Plan, run_dir: Path, choices: dict | None, state: RunState,
+           recorder, summary: dict, title: str) -> None:  # fmt: skip
+    """At the end of a run with requests: the comparison with the reference run (trained now if
+    ``reference: auto``) into ``summary.json``, and ``unlearning.png``."""
+    from clrun import plots
+
+    if p.reference is not None:
+        summary["unlearning"]["reference"] = against_reference(cfg, p, run_dir, choices, state,
+                                                               recorder)  # fmt: skip
+        write_json(Path(run_dir) / "summary.json", summary)
+    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], title)
 
 
 def summary(p: Plan, recorder, components: Components) -> dict:
