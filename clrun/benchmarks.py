@@ -654,27 +654,42 @@ def _domain_stream(
     transform: torch.nn.Module,
     info: dict,
     seed: int,
+    train_samples: int | None = None,
 ) -> Benchmark:
     """The same data in every experience, seen through a per-experience transform. The raw
-    tensors are shared by all experiences: memory does not grow with ``n_experiences``."""
+    tensors are shared by all experiences: memory does not grow with ``n_experiences``.
+    ``train_samples``: each experience trains on its own seeded random subset of that many
+    training samples instead (GEM's MNIST protocol: 1000), a copy of that size each."""
     _check_scenario(scenario)
     if n_experiences < 1:
         raise ValueError(f"benchmark.n_experiences={n_experiences} must be ≥ 1")
+    n_train = len(data["y_train"])
+    if train_samples is not None and (
+        isinstance(train_samples, bool) or not isinstance(train_samples, int)
+        or not 1 <= train_samples <= n_train
+    ):  # fmt: skip
+        raise ValueError(f"benchmark.train_samples_per_experience={train_samples!r} must be null "
+                         f"or an integer in 1..{n_train} (the training set's size)")  # fmt: skip
     n_digits = int(data["y_train"].max()) + 1
+    g = torch.Generator().manual_seed(seed + 1)  # the subsets (the transforms use ``seed``)
 
-    def stream(x: Tensor, y: Tensor) -> list[Experience]:
+    def stream(x: Tensor, y: Tensor, subset: int | None = None) -> list[Experience]:
         x, y = _as_images(x), y.long()
         exps = []
         for i in range(n_experiences):
-            yi = y + n_digits * i if scenario == "class" else y
-            ti = torch.full_like(y, i if scenario == "task" else 0)
-            exps.append(Experience(i, x, yi, ti, torch.full_like(y, i)))
+            xi, yi = x, y
+            if subset is not None:
+                idx = torch.randperm(len(y), generator=g)[:subset]
+                xi, yi = x.index_select(0, idx), y.index_select(0, idx)
+            ti = torch.full_like(yi, i if scenario == "task" else 0)
+            yi = yi + n_digits * i if scenario == "class" else yi
+            exps.append(Experience(i, xi, yi, ti, torch.full_like(yi, i)))
         return exps
 
     return Benchmark(
         name=name,
         scenario=scenario,
-        train_stream=stream(data["x_train"], data["y_train"]),
+        train_stream=stream(data["x_train"], data["y_train"], train_samples),
         test_stream=stream(data["x_test"], data["y_test"]),
         n_classes=n_digits * n_experiences if scenario == "class" else n_digits,
         input_shape=tuple(_as_images(data["x_train"][:1]).shape[1:]),
@@ -693,17 +708,19 @@ def permuted_mnist(
     data_dir: str | None = None,
     online: bool = False,
     online_batch_size: int = 10,
+    train_samples_per_experience: int | None = None,
 ) -> Benchmark:
-    """Permuted MNIST: every experience applies its own fixed random pixel permutation."""
+    """Permuted MNIST: every experience applies its own fixed random pixel permutation.
+    ``train_samples_per_experience``: each experience trains on its own random subset of that
+    many samples (null: all 60,000)."""
     from clrun.datasets import load_dataset
 
     data = load_dataset("mnist", data_dir)
     g = torch.Generator().manual_seed(seed)
     n_pix = data["x_train"][0].numel()
     perms = torch.stack([torch.randperm(n_pix, generator=g) for _ in range(max(n_experiences, 0))])
-    b = _domain_stream(
-        "permuted_mnist", scenario, n_experiences, data, _Permute(perms), {"seed": seed}, seed
-    )
+    b = _domain_stream("permuted_mnist", scenario, n_experiences, data, _Permute(perms),
+                       {"seed": seed}, seed, train_samples_per_experience)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 
@@ -715,9 +732,11 @@ def rotated_mnist(
     data_dir: str | None = None,
     online: bool = False,
     online_batch_size: int = 10,
+    train_samples_per_experience: int | None = None,
 ) -> Benchmark:
     """Rotated MNIST: every experience rotates the digits by its own angle. ``degrees`` fixes
-    the angles (one per experience); null draws them uniformly from [0, 180) with ``seed``."""
+    the angles (one per experience); null draws them uniformly from [0, 180) with ``seed``.
+    ``train_samples_per_experience`` as for :func:`permuted_mnist`."""
     from clrun.datasets import load_dataset
 
     if degrees is None:
@@ -732,7 +751,8 @@ def rotated_mnist(
         angles = torch.tensor([float(a) for a in degrees])
     data = load_dataset("mnist", data_dir)
     info = {"degrees": [round(a, 2) for a in angles.tolist()]}
-    b = _domain_stream("rotated_mnist", scenario, n_experiences, data, _Rotate(angles), info, seed)
+    b = _domain_stream("rotated_mnist", scenario, n_experiences, data, _Rotate(angles), info,
+                       seed, train_samples_per_experience)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 

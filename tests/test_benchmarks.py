@@ -425,3 +425,20 @@ def test_real_split_fmnist_naive_forgets_and_replay_remembers(tmp_path):
         )  # fmt: skip
         results[strategy] = run(cfg, tmp_path / strategy, choices)
     assert results["naive"]["final_avg_acc"] < 0.3 < 0.6 < results["replay"]["final_avg_acc"]
+
+
+@pytest.mark.parametrize("name", ["permuted_mnist", "rotated_mnist"])
+def test_train_samples_per_experience_draws_a_subset_per_experience(fake_dataset, name):
+    b = getattr(bm, name)(n_experiences=3, train_samples_per_experience=7, scenario="task")
+    assert [len(ex) for ex in b.train_stream] == [7, 7, 7]
+    assert [len(ex) for ex in b.test_stream] == [20, 20, 20]  # the whole test set
+    full = getattr(bm, name)(n_experiences=1).train_stream[0]
+    rows = {bytes(r.numpy()) for r in full.x}
+    assert all(bytes(r.numpy()) in rows for ex in b.train_stream for r in ex.x)  # real samples
+    assert not torch.equal(b.train_stream[0].x, b.train_stream[1].x)  # each its own subset
+    assert [ex.t.unique().tolist() for ex in b.train_stream] == [[0], [1], [2]]
+    again = getattr(bm, name)(n_experiences=3, train_samples_per_experience=7, scenario="task")
+    assert torch.equal(again.train_stream[2].x, b.train_stream[2].x)  # seeded
+    for bad in (0, 61, True):
+        with pytest.raises(ValueError, match=f"train_samples_per_experience={bad!r}"):
+            getattr(bm, name)(n_experiences=2, train_samples_per_experience=bad)
