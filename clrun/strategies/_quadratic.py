@@ -15,6 +15,11 @@ def old_part(shape: torch.Size) -> tuple[slice, ...]:
     return tuple(slice(0, s) for s in shape)
 
 
+def anchor_of(model: nn.Module) -> dict[str, Tensor]:
+    """θ*: a detached copy of every parameter of the model as it is now."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def quadratic(model: nn.Module, weights: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
     """Σ over the model's parameters of weights · (θ − anchor)², summed in float32 (also under
     bf16 autocast). Differentiable; call it under ``no_grad`` for the value alone."""

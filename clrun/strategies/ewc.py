@@ -24,7 +24,7 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.strategies._per_sample import sum_per_sample_grads
-from clrun.strategies._quadratic import old_part, quadratic
+from clrun.strategies._quadratic import anchor_of, old_part, quadratic
 
 MODES = ("separate", "online")
 FISHERS = ("empirical", "sampled")
@@ -70,7 +70,7 @@ class EWC:
 
     def post_update(self, state: RunState, exp: Experience) -> None:
         fisher = self._fisher(state, exp)
-        params = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        params = anchor_of(state.model)
         experiences = [state.benchmark.origin(exp.index)]
         if self.mode == "online" and self.terms:
             prev = self.terms[0]["fisher"]
@@ -85,7 +85,7 @@ class EWC:
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:  # after unlearning: protect the unlearned parameters
             for term in self.terms:
-                term["params"] = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+                term["params"] = anchor_of(state.model)
             self.reanchor = False
 
     def forget(self, state: RunState, experiences: list[int]) -> None:

@@ -24,8 +24,8 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.strategies._per_sample import sum_per_sample_grads
+from clrun.strategies._quadratic import anchor_of, quadratic
 from clrun.strategies._quadratic import old_part as _old
-from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
@@ -79,7 +79,7 @@ class MAS:
                     omega.mul_(1 - self.alpha)
                     omega[_old(old.shape)] += self.alpha * old
             self.importance[name] = omega
-        self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        self.anchor = anchor_of(state.model)
 
     def _importance(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
         """Mean over the experience's samples of |∂‖f(x)‖² / ∂θ|, one gradient per sample."""
@@ -94,7 +94,7 @@ class MAS:
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:
-            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.anchor = anchor_of(state.model)
             self.reanchor = False
 
     def forget(self, state: RunState, experiences: list[int]) -> None:

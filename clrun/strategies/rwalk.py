@@ -40,8 +40,8 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._quadratic import anchor_of, quadratic
 from clrun.strategies._quadratic import old_part as _old
-from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
@@ -171,11 +171,11 @@ class RWalk:
         self.exp_score, self.window, self.window_steps = {}, {}, 0
         fisher, score = _min_max(self.fisher), _min_max(self.score)
         self.weights = {n: fisher[n] + score[n] for n in self.score}
-        self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        self.anchor = anchor_of(state.model)
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:
-            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.anchor = anchor_of(state.model)
             self.reanchor = False
 
     def forget(self, state: RunState, experiences: list[int]) -> None:

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.components import RunState
+from clrun.strategies._quadratic import anchor_of, quadratic
 from clrun.strategies._quadratic import old_part as _old
-from clrun.strategies._quadratic import quadratic
 
 
 def _number(v: object) -> bool:
@@ -125,7 +125,7 @@ class SI:
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:
-            self.anchor = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            self.anchor = anchor_of(state.model)
             self.reanchor = False
 
     def forget(self, state: RunState, experiences: list[int]) -> None:
