@@ -17,8 +17,9 @@ Published numbers live in one place: each preset's header, on one line the tests
 
     # published: final_avg_acc 88.79 ± 0.20 % (s.e.m. over 20 seeds)
 
-(``<metric of summary.json> <mean> ± <spread> % (s.e.m.|std over <n> seeds)``). The runner never
-reads it; the config stays free of keys that no code reads.
+(``<metric of summary.json> <mean> ± <spread> % (s.e.m.|std|c.i. over <n> seeds)``; ``c.i.``: the
+paper prints a 95 % confidence interval of the mean, read as 1.96 s.e.m.). The runner never reads
+it; the config stays free of keys that no code reads.
 
 Verdict. The difference is compared with its standard error: the published s.e.m. combined with
 ours, std/√n, where with fewer than two seeds of ours the published per-seed std (s.e.m.·√n)
@@ -46,7 +47,7 @@ PRESETS = ROOT / "conf" / "experiment"
 RUN_MANAGEMENT = ("resume", "threads", "data_dir", "checkpoint", "hydra", "seed")
 PUBLISHED = re.compile(
     r"^# published: (?P<metric>\w+) (?P<mean>-?[\d.]+) ± (?P<spread>[\d.]+) (?P<pct>%)? ?"
-    r"\((?P<kind>s\.e\.m\.|std) over (?P<n>\d+) seeds\)\s*$",
+    r"\((?P<kind>s\.e\.m\.|std|c\.i\.) over (?P<n>\d+) seeds\)\s*$",
     re.MULTILINE,
 )
 # --quick: overrides applied when the preset's composed config has the key
@@ -58,16 +59,18 @@ class Published:
     metric: str  # a field of summary.json
     mean: float  # as a fraction, like summary.json
     spread: float  # the published ± (fraction)
-    kind: str  # "s.e.m." | "std"
+    kind: str  # "s.e.m." | "std" | "c.i." (a 95 % confidence interval of the mean)
     n: int  # seeds behind the published number
 
     @property
     def sem(self) -> float:
+        if self.kind == "c.i.":
+            return self.spread / 1.96
         return self.spread if self.kind == "s.e.m." else self.spread / math.sqrt(self.n)
 
     @property
     def seed_std(self) -> float:
-        return self.spread * math.sqrt(self.n) if self.kind == "s.e.m." else self.spread
+        return self.spread if self.kind == "std" else self.sem * math.sqrt(self.n)
 
     def text(self) -> str:
         return f"{100 * self.mean:.2f} ± {100 * self.spread:.2f} ({self.kind}, n={self.n})"
@@ -85,7 +88,7 @@ def published(preset: str) -> Published:
     if m is None:
         raise ValueError(
             f"conf/experiment/{preset}.yaml has no line '# published: <metric> <mean> ± <spread> "
-            "% (s.e.m.|std over <n> seeds)'"
+            "% (s.e.m.|std|c.i. over <n> seeds)'"
         )
     scale = 0.01 if m["pct"] else 1.0
     return Published(m["metric"], float(m["mean"]) * scale, float(m["spread"]) * scale,

@@ -59,11 +59,43 @@ def test_vandeven2022_presets_share_the_protocol():
         assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.001
         assert cfg.strategy.batch_size == 128
         assert cfg.strategy.iterations == (10000 if preset.endswith("_joint") else 2000)
+        assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (2, False)  # 32×32, in [0, 1]
+
+
+@pytest.mark.parametrize("family", ["vandeven2022_", "vandeven2018_"])
+def test_vandeven_protocols_draw_the_class_order_from_the_seed(family):
+    """As the authors' code: every seed assigns the digits to the contexts in its own order."""
+    presets = [p for p in PRESETS if p.startswith(family)]
+    assert presets
+    for preset in presets:
+        cfg = make_cfg(f"experiment={preset}", "seed=7")
+        assert cfg.benchmark.class_order is None and cfg.benchmark.seed == 7
+
+
+def test_vandeven2018_presets_share_the_protocol():
+    heads = {"task": "multi", "domain": "single", "class": "incremental"}
+    presets = [p for p in PRESETS if p.startswith("vandeven2018_splitmnist_")]
+    assert {p.split("_")[2] for p in presets} == set(heads)
+    for preset in presets:
+        cfg = make_cfg(f"experiment={preset}")
+        scenario = preset.split("_")[2]
+        assert cfg.benchmark.scenario == scenario and cfg.model.head == heads[scenario]
+        assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (0, False)  # 28×28, in [0, 1]
+        assert list(cfg.model.hidden_sizes) == [400, 400] and cfg.optimizer.lr == 0.001
+        assert (cfg.strategy.batch_size, cfg.strategy.iterations) == (128, 2000)
 
 
 def test_an_override_after_the_preset_wins():
-    cfg = make_cfg("experiment=vandeven2022_splitmnist_class_si", "strategy.si_lambda=1")
+    cfg = make_cfg("experiment=vandeven2018_splitmnist_class_si", "strategy.si_lambda=1")
     assert cfg.strategy.si_lambda == 1 and cfg.strategy.components.si.si_lambda == 1
+
+
+def test_published_confidence_interval_is_read_as_196_sem(tmp_path, monkeypatch):
+    (tmp_path / "p.yaml").write_text("# published: final_avg_acc 89.10 ± 0.14 % (c.i. over 5 seeds)\n")
+    monkeypatch.setattr(reproduce, "PRESETS", tmp_path)
+    pub = reproduce.published("p")
+    assert (pub.kind, pub.n) == ("c.i.", 5)
+    assert pub.sem == pytest.approx(0.0014 / 1.96) and pub.seed_std == pytest.approx(pub.sem * 5**0.5)
 
 
 def test_published_line_parsing_and_verdict():
