@@ -8,9 +8,10 @@
 Each (preset, seed) runs as its own process, ``clrun experiment=<preset> seed=<s> threads=<t>
 hydra.run.dir=<out>/<preset>/seed<s>``, one after the other (``--quick`` runs go to
 ``<out>/quick/``). A run directory whose ``summary.json`` records a completed run of the same seed
-and overrides (``threads`` and the other run-management keys aside) is reused (``--force`` reruns
-it), so the same command continues an interrupted reproduction; ``--report-only`` runs nothing. The script then reads every ``summary.json`` and
-prints a Markdown table (also written to ``<out>/reproduce.md``): preset, metric, our mean ± std
+and overrides, made with the config they compose today (``threads`` and the other run-management
+keys aside), is reused (``--force`` reruns it; a preset edited since is rerun from scratch), so the
+same command continues an interrupted reproduction; ``--report-only`` runs nothing. The script
+then reads every ``summary.json`` and prints a Markdown table (also written to ``<out>/reproduce.md``): preset, metric, our mean ± std
 (n seeds), the published mean ± spread, the difference, and a verdict.
 
 Published numbers live in one place: each preset's header, on one line the tests check,
@@ -95,13 +96,27 @@ def published(preset: str) -> Published:
                      m["kind"], int(m["n"]))  # fmt: skip
 
 
-def quick_overrides(preset: str) -> list[str]:
-    """The QUICK overrides whose keys exist in the preset's composed config."""
+def composed(overrides: list[str]):
+    """The config clrun composes from these overrides (interpolations unresolved)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}"])
+        return compose("config", overrides=overrides)
+
+
+def experiment_config(cfg) -> dict:
+    """A composed config without its run-management keys: what decides a run's numbers."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    return {k: v for k, v in tree.items() if k not in RUN_MANAGEMENT}
+
+
+def quick_overrides(preset: str) -> list[str]:
+    """The QUICK overrides whose keys exist in the preset's composed config."""
+    from omegaconf import OmegaConf
+
+    cfg = composed([f"experiment={preset}"])
     missing = object()
     return [f"{k}={v}" for k, v in QUICK.items() if OmegaConf.select(cfg, k, default=missing)
             is not missing]  # fmt: skip
@@ -109,6 +124,18 @@ def quick_overrides(preset: str) -> list[str]:
 
 def job_key(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].split(".")[0] not in RUN_MANAGEMENT)
+
+
+def same_config(run_dir: Path, args: list[str]) -> bool:
+    """Whether the run was made with the config these overrides compose today (a preset or a
+    protocol edited since the run makes it stale)."""
+    from omegaconf import OmegaConf
+
+    try:
+        ran = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except OSError:
+        return False
+    return experiment_config(ran) == experiment_config(composed(args))
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -123,8 +150,10 @@ def run_one(preset: str, seed: int, run_dir: Path, overrides: list[str], threads
     """Run (or reuse) one preset and seed; return its summary (None if it did not complete)."""
     args = [f"experiment={preset}", f"seed={seed}", *overrides]
     done = read_summary(run_dir)
+    stale = done is not None and not same_config(run_dir, args)  # its checkpoint cannot resume
     same = (
         done is not None
+        and not stale
         and done.get("seed") == seed
         and job_key(done.get("overrides", [])) == job_key(args)
     )
@@ -132,7 +161,7 @@ def run_one(preset: str, seed: int, run_dir: Path, overrides: list[str], threads
         print(f"  {preset} seed {seed}: reused {run_dir}", flush=True)
         return done
     cmd = [sys.executable, "-m", "clrun", *args, f"threads={threads}",
-           f"hydra.run.dir={run_dir}", *(["resume=false"] if force else [])]  # fmt: skip
+           f"hydra.run.dir={run_dir}", *(["resume=false"] if force or stale else [])]  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:

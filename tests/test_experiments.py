@@ -130,6 +130,11 @@ def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
     assert (tmp_path / "quick" / "reproduce.md").read_text() in p.stdout
     again = _run_script(*args)  # the same command reuses the completed run
     assert again.returncode == 0 and "reused" in again.stdout
+    # a run made with another config (a preset edited since) is not reused
+    run_dir = tmp_path / "quick" / preset / "seed0"
+    job = [o for o in summary["overrides"] if not o.startswith(("threads=", "hydra."))]
+    assert reproduce.same_config(run_dir, job)
+    assert not reproduce.same_config(run_dir, [*job, "optimizer.lr=0.5"])
 
 
 def test_reproduce_rejects_an_unknown_preset(tmp_path):
