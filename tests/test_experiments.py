@@ -91,11 +91,13 @@ def test_an_override_after_the_preset_wins():
 
 
 def test_published_confidence_interval_is_read_as_196_sem(tmp_path, monkeypatch):
-    (tmp_path / "p.yaml").write_text("# published: final_avg_acc 89.10 ± 0.14 % (c.i. over 5 seeds)\n")
+    line = "# published: final_avg_acc 89.10 ± 0.14 % (c.i. over 5 seeds)\n"
+    (tmp_path / "p.yaml").write_text(line)
     monkeypatch.setattr(reproduce, "PRESETS", tmp_path)
     pub = reproduce.published("p")
     assert (pub.kind, pub.n) == ("c.i.", 5)
-    assert pub.sem == pytest.approx(0.0014 / 1.96) and pub.seed_std == pytest.approx(pub.sem * 5**0.5)
+    assert pub.sem == pytest.approx(0.0014 / 1.96)
+    assert pub.seed_std == pytest.approx(pub.sem * 5**0.5)
 
 
 def test_published_line_parsing_and_verdict():
