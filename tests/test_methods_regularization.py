@@ -114,6 +114,7 @@ def test_bad_hyperparameter_in_config_names_the_key(run_debug):
         (RWalk, {"ewc_alpha": 0.0}, "ewc_alpha=0.0"),
         (RWalk, {"delta_t": 0}, "delta_t=0"),
         (RWalk, {"epsilon": -1.0}, "epsilon=-1.0"),
+        (RWalk, {"path_score": "no"}, "path_score='no'"),
         (GEM, {"patterns_per_experience": 0}, "patterns_per_experience=0"),
         (GEM, {"memory_strength": -0.5}, "memory_strength=-0.5"),
         (AGEM, {"sample_size": True}, "sample_size=True"),
@@ -174,6 +175,27 @@ def test_importance_is_non_negative_and_zero_without_gradient(make):
     assert torch.equal(importance["unused"], torch.zeros(3))
     assert "backbone.1.bias" not in importance
     assert sum(float(v.sum()) for v in importance.values()) > 0
+
+
+def test_rwalk_without_path_score_is_ewcpp_the_normalised_running_fisher():
+    """path_score=false: the penalty weights are the min-max normalised running Fisher alone (the
+    EWC of the A-GEM authors' code), the same F as with the score; with it, F̂ + Ŝ."""
+    runs = {}
+    for path_score in (True, False):
+        state = _setup()
+        component = RWalk(path_score=path_score)
+        _train(state, Components({"c": component}), state.benchmark.train_stream[0])
+        runs[path_score] = component
+    with_score, alone = runs[True], runs[False]
+    lo = min(float(f.min()) for f in alone.fisher.values())
+    hi = max(float(f.max()) for f in alone.fisher.values())
+    assert set(alone.weights) == set(with_score.weights)
+    for name, w in alone.weights.items():
+        assert torch.equal(alone.fisher[name], with_score.fisher[name]), name  # the same F
+        assert torch.allclose(w, (alone.fisher[name] - lo) / (hi - lo), atol=1e-6), name
+        assert bool((with_score.weights[name] >= w - 1e-6).all())
+    assert max(float(w.max()) for w in alone.weights.values()) == pytest.approx(1.0)
+    assert any(not torch.allclose(with_score.weights[n], alone.weights[n]) for n in alone.weights)
 
 
 @pytest.mark.parametrize("make", [SI, RWalk], ids=["si", "rwalk"])
