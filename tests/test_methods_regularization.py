@@ -111,6 +111,7 @@ def test_bad_hyperparameter_in_config_names_the_key(run_debug):
         (MAS, {"mas_lambda": float("nan")}, "mas_lambda=nan"),
         (MAS, {"alpha": 1.5}, "alpha=1.5"),
         (MAS, {"importance_samples": 0}, "importance_samples=0"),
+        (MAS, {"samples_per_gradient": 0}, "samples_per_gradient=0"),
         (RWalk, {"ewc_alpha": 0.0}, "ewc_alpha=0.0"),
         (RWalk, {"delta_t": 0}, "delta_t=0"),
         (RWalk, {"epsilon": -1.0}, "epsilon=-1.0"),
@@ -175,6 +176,34 @@ def test_importance_is_non_negative_and_zero_without_gradient(make):
     assert torch.equal(importance["unused"], torch.zeros(3))
     assert "backbone.1.bias" not in importance
     assert sum(float(v.sum()) for v in importance.values()) > 0
+
+
+def test_mas_importance_per_group_of_samples_as_the_agem_authors():
+    """samples_per_gradient=k: Ω = (1/n) Σ_groups |∂ Σ_group ‖f(x)‖² / ∂θ|, by hand with autograd;
+    k = 1 is the per-sample importance, and no group's Ω exceeds it."""
+    state = _setup()
+    exp = state.benchmark.train_stream[0].subset(torch.arange(25))
+    params = dict(state.model.named_parameters())
+    state.model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    per_sample = {n: torch.zeros_like(p) for n, p in params.items()}
+    for lo, hi, into in [(i, min(i + 10, 25), expected) for i in range(0, 25, 10)] + [
+        (i, i + 1, per_sample) for i in range(25)
+    ]:
+        b = exp.subset(torch.arange(lo, hi))
+        out = state.model(state.benchmark.prepare(b.x, b.e), b.t)
+        for n, g in zip(params, torch.autograd.grad(out.pow(2).sum(), list(params.values())),
+                        strict=True):  # fmt: skip
+            into[n] += g.abs()
+    state.model.train()
+    grouped, single = MAS(alpha=0.0, samples_per_gradient=10), MAS(alpha=0.0)
+    for component in (grouped, single):
+        component.post_update(state, exp)
+    assert state.model.training
+    for n in params:
+        assert torch.allclose(grouped.importance[n], expected[n] / 25, rtol=1e-5, atol=1e-8), n
+        assert torch.allclose(single.importance[n], per_sample[n] / 25, rtol=1e-4, atol=1e-7), n
+        assert bool((grouped.importance[n] <= single.importance[n] + 1e-6).all())
 
 
 def test_rwalk_without_path_score_is_ewcpp_the_normalised_running_fisher():
