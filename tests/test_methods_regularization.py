@@ -116,6 +116,7 @@ def test_bad_hyperparameter_in_config_names_the_key(run_debug):
         (RWalk, {"delta_t": 0}, "delta_t=0"),
         (RWalk, {"epsilon": -1.0}, "epsilon=-1.0"),
         (RWalk, {"path_score": "no"}, "path_score='no'"),
+        (RWalk, {"score_update": "sum"}, "score_update='sum' is not one of average, accumulate"),
         (GEM, {"patterns_per_experience": 0}, "patterns_per_experience=0"),
         (GEM, {"memory_strength": -0.5}, "memory_strength=-0.5"),
         (AGEM, {"sample_size": True}, "sample_size=True"),
@@ -204,6 +205,25 @@ def test_mas_importance_per_group_of_samples_as_the_agem_authors():
         assert torch.allclose(grouped.importance[n], expected[n] / 25, rtol=1e-5, atol=1e-8), n
         assert torch.allclose(single.importance[n], per_sample[n] / 25, rtol=1e-4, atol=1e-7), n
         assert bool((grouped.importance[n] <= single.importance[n] + 1e-6).all())
+
+
+@pytest.mark.parametrize("update", ["average", "accumulate"])
+def test_rwalk_score_update_after_an_experience(update):
+    """S ← s after the first experience; then the paper's ½(S + s), or the authors' code's
+    S + ½(S + s); the penalty weights are F̂ + Ŝ of that S."""
+    state = _setup()
+    component = RWalk(score_update=update)
+    components = Components({"c": component})
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    _train(state, components, exp0)
+    first = {n: v.clone() for n, v in component.score.items()}
+    _train(state, components, exp1, finish=False)  # 10 steps = Δt: the last window is closed
+    assert component.window_steps == 0
+    s = {n: v.clone() for n, v in component.exp_score.items()}
+    component.post_update(state, exp1)
+    for n, old in first.items():
+        want = 0.5 * (old + s[n]) if update == "average" else old + 0.5 * (old + s[n])
+        assert torch.allclose(component.score[n], want), n
 
 
 def test_rwalk_without_path_score_is_ewcpp_the_normalised_running_fisher():
