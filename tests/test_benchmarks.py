@@ -456,7 +456,7 @@ def test_domain_benchmarks_unnormalised_inputs(fake_dataset, name):
     out = raw.prepare(x, e)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.allclose(out, raw.transform(x.float(), e) / 255, atol=1e-6)
-    std = (plain.prepare(x, e) * bm.MNIST_STD + bm.MNIST_MEAN)
+    std = plain.prepare(x, e) * bm.MNIST_STD + bm.MNIST_MEAN
     assert torch.allclose(std, out, atol=1e-5)
     cfg = make_cfg(f"benchmark={name}", "benchmark.normalize=false")
     assert build(cfg.benchmark, "benchmark").info["normalize"] is False
