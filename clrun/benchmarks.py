@@ -655,12 +655,16 @@ def _domain_stream(
     info: dict,
     seed: int,
     train_samples: int | None = None,
+    normalize: bool = True,
 ) -> Benchmark:
     """The same data in every experience, seen through a per-experience transform. The raw
     tensors are shared by all experiences: memory does not grow with ``n_experiences``.
     ``train_samples``: each experience trains on its own seeded random subset of that many
-    training samples instead (GEM's MNIST protocol: 1000), a copy of that size each."""
+    training samples instead (GEM's MNIST protocol: 1000), a copy of that size each.
+    ``normalize=False``: pixels / 255, in [0, 1], instead of MNIST's mean/std standardisation
+    (applied after the transform: a rotation's zero fill stays black either way)."""
     _check_scenario(scenario)
+    _check_normalize(normalize)
     if n_experiences < 1:
         raise ValueError(f"benchmark.n_experiences={n_experiences} must be ≥ 1")
     n_train = len(data["y_train"])
@@ -693,10 +697,10 @@ def _domain_stream(
         test_stream=stream(data["x_test"], data["y_test"]),
         n_classes=n_digits * n_experiences if scenario == "class" else n_digits,
         input_shape=tuple(_as_images(data["x_train"][:1]).shape[1:]),
-        mean=MNIST_MEAN,
-        std=MNIST_STD,
+        mean=MNIST_MEAN if normalize else 0.0,
+        std=MNIST_STD if normalize else 1.0,
         transform=transform,
-        info=info,
+        info={**info, "normalize": normalize},
         seed=seed,
     )
 
@@ -709,10 +713,12 @@ def permuted_mnist(
     online: bool = False,
     online_batch_size: int = 10,
     train_samples_per_experience: int | None = None,
+    normalize: bool = True,
 ) -> Benchmark:
     """Permuted MNIST: every experience applies its own fixed random pixel permutation.
     ``train_samples_per_experience``: each experience trains on its own random subset of that
-    many samples (null: all 60,000)."""
+    many samples (null: all 60,000). ``normalize=False``: pixels / 255, in [0, 1] (as GEM's and
+    A-GEM's code), instead of the standardisation with MNIST's mean and std."""
     from clrun.datasets import load_dataset
 
     data = load_dataset("mnist", data_dir)
@@ -720,7 +726,7 @@ def permuted_mnist(
     n_pix = data["x_train"][0].numel()
     perms = torch.stack([torch.randperm(n_pix, generator=g) for _ in range(max(n_experiences, 0))])
     b = _domain_stream("permuted_mnist", scenario, n_experiences, data, _Permute(perms),
-                       {"seed": seed}, seed, train_samples_per_experience)  # fmt: skip
+                       {"seed": seed}, seed, train_samples_per_experience, normalize)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 
@@ -733,10 +739,11 @@ def rotated_mnist(
     online: bool = False,
     online_batch_size: int = 10,
     train_samples_per_experience: int | None = None,
+    normalize: bool = True,
 ) -> Benchmark:
     """Rotated MNIST: every experience rotates the digits by its own angle. ``degrees`` fixes
     the angles (one per experience); null draws them uniformly from [0, 180) with ``seed``.
-    ``train_samples_per_experience`` as for :func:`permuted_mnist`."""
+    ``train_samples_per_experience`` and ``normalize`` as for :func:`permuted_mnist`."""
     from clrun.datasets import load_dataset
 
     if degrees is None:
@@ -752,7 +759,7 @@ def rotated_mnist(
     data = load_dataset("mnist", data_dir)
     info = {"degrees": [round(a, 2) for a in angles.tolist()]}
     b = _domain_stream("rotated_mnist", scenario, n_experiences, data, _Rotate(angles), info,
-                       seed, train_samples_per_experience)  # fmt: skip
+                       seed, train_samples_per_experience, normalize)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 

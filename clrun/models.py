@@ -214,12 +214,28 @@ def mlp(
     head: str = "single",
     hidden_sizes: Sequence[int] = (400, 400),
     dropout: float = 0.0,
+    init: str = "default",
+    init_std: float = 0.1,
+    init_bias: float = 0.1,
 ) -> CLModel:
-    """Fully connected ReLU network on flattened inputs (the Split/Permuted MNIST MLP)."""
+    """Fully connected ReLU network on flattened inputs (the Split/Permuted MNIST MLP).
+
+    ``init``: ``default`` keeps PyTorch's initialisation of ``nn.Linear``; ``truncated_normal``
+    draws every weight from a normal of std ``init_std`` truncated at ±2 std and sets every bias
+    to ``init_bias``, the TensorFlow-era initialisation of the A-GEM and RWalk authors' code
+    (``tf.truncated_normal_initializer(stddev=0.1)``, biases 0.1). It applies to the layers the
+    model is built with; units an incremental or multi head grows later keep PyTorch's."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
     if any(int(h) < 1 for h in hidden_sizes):
         raise ValueError(f"model.hidden_sizes={list(hidden_sizes)} must be positive integers")
+    if init not in MLP_INITS:
+        raise ValueError(f"model.init={init!r} is not one of {', '.join(MLP_INITS)}")
+    for key, v in (("init_std", init_std), ("init_bias", init_bias)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"model.{key}={v!r} must be a finite number")
+    if init_std <= 0:
+        raise ValueError(f"model.init_std={init_std!r} must be > 0")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden_sizes:
@@ -227,7 +243,18 @@ def mlp(
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = int(h)
-    return CLModel(nn.Sequential(*layers), make_head(head, width, n_classes))
+    model = CLModel(nn.Sequential(*layers), make_head(head, width, n_classes))
+    if init == "truncated_normal":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear) and m.weight.numel():
+                    nn.init.trunc_normal_(m.weight, 0.0, init_std, -2 * init_std, 2 * init_std)
+                    if m.bias is not None:
+                        m.bias.fill_(init_bias)
+    return model
+
+
+MLP_INITS = ("default", "truncated_normal")
 
 
 def cnn(

@@ -442,3 +442,23 @@ def test_train_samples_per_experience_draws_a_subset_per_experience(fake_dataset
     for bad in (0, 61, True):
         with pytest.raises(ValueError, match=f"train_samples_per_experience={bad!r}"):
             getattr(bm, name)(n_experiences=2, train_samples_per_experience=bad)
+
+
+@pytest.mark.parametrize("name", ["permuted_mnist", "rotated_mnist"])
+def test_domain_benchmarks_unnormalised_inputs(fake_dataset, name):
+    """normalize=false: the transformed pixels / 255, in [0, 1] (GEM's and A-GEM's inputs);
+    normalize=true (the default) standardises the same pixels with MNIST's mean and std."""
+    plain = getattr(bm, name)(n_experiences=2)
+    raw = getattr(bm, name)(n_experiences=2, normalize=False)
+    assert plain.info["normalize"] is True and raw.info["normalize"] is False
+    ex = raw.train_stream[1]
+    x, e = ex.x[:5], ex.e[:5]
+    out = raw.prepare(x, e)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.allclose(out, raw.transform(x.float(), e) / 255, atol=1e-6)
+    std = plain.prepare(x, e) * bm.MNIST_STD + bm.MNIST_MEAN
+    assert torch.allclose(std, out, atol=1e-5)
+    cfg = make_cfg(f"benchmark={name}", "benchmark.normalize=false")
+    assert build(cfg.benchmark, "benchmark").info["normalize"] is False
+    with pytest.raises(ValueError, match="benchmark.normalize='no'"):
+        getattr(bm, name)(n_experiences=2, normalize="no")

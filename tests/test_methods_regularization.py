@@ -111,9 +111,12 @@ def test_bad_hyperparameter_in_config_names_the_key(run_debug):
         (MAS, {"mas_lambda": float("nan")}, "mas_lambda=nan"),
         (MAS, {"alpha": 1.5}, "alpha=1.5"),
         (MAS, {"importance_samples": 0}, "importance_samples=0"),
+        (MAS, {"samples_per_gradient": 0}, "samples_per_gradient=0"),
         (RWalk, {"ewc_alpha": 0.0}, "ewc_alpha=0.0"),
         (RWalk, {"delta_t": 0}, "delta_t=0"),
         (RWalk, {"epsilon": -1.0}, "epsilon=-1.0"),
+        (RWalk, {"path_score": "no"}, "path_score='no'"),
+        (RWalk, {"score_update": "sum"}, "score_update='sum' is not one of average, accumulate"),
         (GEM, {"patterns_per_experience": 0}, "patterns_per_experience=0"),
         (GEM, {"memory_strength": -0.5}, "memory_strength=-0.5"),
         (AGEM, {"sample_size": True}, "sample_size=True"),
@@ -174,6 +177,74 @@ def test_importance_is_non_negative_and_zero_without_gradient(make):
     assert torch.equal(importance["unused"], torch.zeros(3))
     assert "backbone.1.bias" not in importance
     assert sum(float(v.sum()) for v in importance.values()) > 0
+
+
+def test_mas_importance_per_group_of_samples_as_the_agem_authors():
+    """samples_per_gradient=k: Ω = (1/n) Σ_groups |∂ Σ_group ‖f(x)‖² / ∂θ|, by hand with autograd;
+    k = 1 is the per-sample importance, and no group's Ω exceeds it."""
+    state = _setup()
+    exp = state.benchmark.train_stream[0].subset(torch.arange(25))
+    params = dict(state.model.named_parameters())
+    state.model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    per_sample = {n: torch.zeros_like(p) for n, p in params.items()}
+    for lo, hi, into in [(i, min(i + 10, 25), expected) for i in range(0, 25, 10)] + [
+        (i, i + 1, per_sample) for i in range(25)
+    ]:
+        b = exp.subset(torch.arange(lo, hi))
+        out = state.model(state.benchmark.prepare(b.x, b.e), b.t)
+        for n, g in zip(params, torch.autograd.grad(out.pow(2).sum(), list(params.values())),
+                        strict=True):  # fmt: skip
+            into[n] += g.abs()
+    state.model.train()
+    grouped, single = MAS(alpha=0.0, samples_per_gradient=10), MAS(alpha=0.0)
+    for component in (grouped, single):
+        component.post_update(state, exp)
+    assert state.model.training
+    for n in params:
+        assert torch.allclose(grouped.importance[n], expected[n] / 25, rtol=1e-5, atol=1e-8), n
+        assert torch.allclose(single.importance[n], per_sample[n] / 25, rtol=1e-4, atol=1e-7), n
+        assert bool((grouped.importance[n] <= single.importance[n] + 1e-6).all())
+
+
+@pytest.mark.parametrize("update", ["average", "accumulate"])
+def test_rwalk_score_update_after_an_experience(update):
+    """S ← s after the first experience; then the paper's ½(S + s), or the authors' code's
+    S + ½(S + s); the penalty weights are F̂ + Ŝ of that S."""
+    state = _setup()
+    component = RWalk(score_update=update)
+    components = Components({"c": component})
+    exp0, exp1 = state.benchmark.train_stream[:2]
+    _train(state, components, exp0)
+    first = {n: v.clone() for n, v in component.score.items()}
+    _train(state, components, exp1, finish=False)  # 10 steps = Δt: the last window is closed
+    assert component.window_steps == 0
+    s = {n: v.clone() for n, v in component.exp_score.items()}
+    component.post_update(state, exp1)
+    for n, old in first.items():
+        want = 0.5 * (old + s[n]) if update == "average" else old + 0.5 * (old + s[n])
+        assert torch.allclose(component.score[n], want), n
+
+
+def test_rwalk_without_path_score_is_ewcpp_the_normalised_running_fisher():
+    """path_score=false: the penalty weights are the min-max normalised running Fisher alone (the
+    EWC of the A-GEM authors' code), the same F as with the score; with it, F̂ + Ŝ."""
+    runs = {}
+    for path_score in (True, False):
+        state = _setup()
+        component = RWalk(path_score=path_score)
+        _train(state, Components({"c": component}), state.benchmark.train_stream[0])
+        runs[path_score] = component
+    with_score, alone = runs[True], runs[False]
+    lo = min(float(f.min()) for f in alone.fisher.values())
+    hi = max(float(f.max()) for f in alone.fisher.values())
+    assert set(alone.weights) == set(with_score.weights)
+    for name, w in alone.weights.items():
+        assert torch.equal(alone.fisher[name], with_score.fisher[name]), name  # the same F
+        assert torch.allclose(w, (alone.fisher[name] - lo) / (hi - lo), atol=1e-6), name
+        assert bool((with_score.weights[name] >= w - 1e-6).all())
+    assert max(float(w.max()) for w in alone.weights.values()) == pytest.approx(1.0)
+    assert any(not torch.allclose(with_score.weights[n], alone.weights[n]) for n in alone.weights)
 
 
 @pytest.mark.parametrize("make", [SI, RWalk], ids=["si", "rwalk"])

@@ -1,3 +1,4 @@
+import re
 import sys
 
 import pytest
@@ -229,3 +230,24 @@ def test_torchvision_model_with_our_heads(name):
         assert model(torch.rand(2, 1, 32, 32), torch.tensor([0, 1])).shape == (2, 4)
     with pytest.raises(ValueError, match="resnet51"):
         models.torchvision_model((3, 32, 32), 4, name="resnet51")
+
+
+def test_mlp_truncated_normal_init_as_the_agem_authors():
+    """init=truncated_normal: weights within ±2·init_std with about that std, biases init_bias;
+    the default keeps PyTorch's initialisation; bad values are rejected by name."""
+    torch.manual_seed(0)
+    model = mlp((1, 28, 28), 10, hidden_sizes=[256, 256], init="truncated_normal")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+    for m in linears:
+        assert float(m.weight.abs().max()) <= 0.2
+        assert 0.08 < float(m.weight.std()) < 0.095  # a normal of std 0.1 cut at ±2 std: ≈ 0.088
+        assert torch.equal(m.bias, torch.full_like(m.bias, 0.1))
+    torch.manual_seed(0)
+    plain = mlp((1, 28, 28), 10, hidden_sizes=[256, 256])
+    assert float(next(plain.parameters()).abs().max()) <= 1 / 28  # PyTorch's U(±1/√fan_in)
+    for kwargs, message in (({"init": "xavier"}, "model.init='xavier'"),
+                            ({"init_std": 0.0}, "model.init_std=0.0"),
+                            ({"init_bias": float("nan")}, "model.init_bias=nan")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            mlp((1, 6, 6), 10, **kwargs)

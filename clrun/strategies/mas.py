@@ -9,6 +9,12 @@ It is accumulated over experiences: with ``alpha`` in [0, 1], a running average
 with ``alpha`` null, the paper's (and the authors' code's) sum Ω ← Ω + Ω_new. Then θ* ← θ.
 ``penalty``: ``mas_lambda`` · Σ Ω (θ − θ*)² (λ in the paper, no ½).
 
+``samples_per_gradient`` k > 1 takes the absolute value of the gradient of a group of k
+consecutive samples instead, Ω = (1/n) Σ_groups |∂ Σ_{x in group} ‖f(x)‖² / ∂θ| (one backward
+per group; a trailing smaller group counts too): what the A-GEM authors' code computes, with
+minibatches of 10 (facebookresearch/agem, ``model/model.py``, ``accumulate_hebbian_scores``).
+Gradients of different samples can cancel inside a group, so this Ω is at most the per-sample one.
+
 Works in every scenario. Parameters that grew since θ* (incremental heads) are penalised on their
 old part only; new units start with Ω = 0. Frozen parameters are not tracked; a parameter the
 output does not depend on gets Ω = 0. State: Ω, θ* and the sampling generator.
@@ -40,6 +46,7 @@ class MAS:
         importance_samples: int | None = None,
         importance_batch_size: int = 64,
         seed: int = 0,
+        samples_per_gradient: int = 1,
     ):
         if not _number(mas_lambda) or mas_lambda < 0:
             raise ValueError(f"MAS mas_lambda={mas_lambda!r} must be a finite number ≥ 0")
@@ -50,6 +57,7 @@ class MAS:
         for name, v in (
             ("importance_samples", importance_samples),
             ("importance_batch_size", importance_batch_size),
+            ("samples_per_gradient", samples_per_gradient),
         ):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"MAS {name}={v!r} must be an integer ≥ 1")
@@ -57,6 +65,7 @@ class MAS:
         self.alpha = None if alpha is None else float(alpha)
         self.importance_samples = importance_samples
         self.importance_batch_size = importance_batch_size
+        self.samples_per_gradient = samples_per_gradient
         self.generator = torch.Generator().manual_seed(seed)
         self.importance: dict[str, Tensor] = {}  # Ω
         self.anchor: dict[str, Tensor] = {}  # θ*
@@ -88,9 +97,36 @@ class MAS:
             exp = exp.subset(
                 torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
             )
-        omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(1), torch.abs,
-                                     self.importance_batch_size)  # fmt: skip
+        if self.samples_per_gradient == 1:
+            omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(1), torch.abs,
+                                         self.importance_batch_size)  # fmt: skip
+        else:
+            omega = self._group_sums(state, exp)
         return {k: v / max(n, 1) for k, v in omega.items()}
+
+    def _group_sums(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
+        """Σ over groups of ``samples_per_gradient`` consecutive samples of |∂ Σ ‖f(x)‖² / ∂θ|,
+        with the model in eval mode; the optimiser's gradients are left as they were."""
+        model, k = state.model, self.samples_per_gradient
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                for i in range(0, len(exp), k):
+                    idx = torch.arange(i, min(i + k, len(exp)), device=exp.y.device)
+                    b = exp.subset(idx)
+                    out = model(state.benchmark.prepare(b.x, b.e), b.t)
+                    names = list(params)
+                    grads = torch.autograd.grad(out.pow(2).sum(), [params[n] for n in names],
+                                                allow_unused=True)  # fmt: skip
+                    for name, g in zip(names, grads, strict=True):
+                        if g is not None:
+                            sums[name] += g.abs()
+        finally:
+            model.train(was_training)
+        return sums
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:

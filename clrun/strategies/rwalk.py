@@ -21,6 +21,17 @@ averaging, against intransigence); F and S are each normalised to [0, 1] by thei
 maximum over all parameters (the authors' code), and θ* ← θ. ``penalty``:
 ``ewc_lambda`` · Σ (F̂ + Ŝ) (θ − θ*)².
 
+``score_update=accumulate`` replaces the averaging by S ← S + ½ (S + s) = 1.5·S + ½·s, which
+is what the authors' code computes (facebookresearch/agem, ``model/model.py``: ``update_score``
+is a ``tf.assign_add`` of the average; their first score is doubled before it, so S = s after
+the first experience either way). Older experiences' scores then grow by 1.5 per experience
+instead of halving, and dominate Ŝ after the normalisation.
+
+``path_score=False`` drops the score: the penalty is ``ewc_lambda`` · Σ F̂ (θ − θ*)², EWC++ alone
+(the paper's online Fisher, one penalty anchored at the end of the last experience). This is the
+EWC of the RWalk and A-GEM authors' code (facebookresearch/agem, ``model/model.py``: its ``EWC``
+uses the same running Fisher, normalisation and penalty as its ``RWALK``, without the score).
+
 The paper trains RWalk with a small replay memory; replay is a separate component, so compose
 the two in YAML (``conf/strategy/replay_rwalk.yaml``: ``defaults: [replay, rwalk, _self_]``);
 with replay, g includes the loss of the replayed samples. This component alone is the
@@ -68,6 +79,9 @@ def _min_max(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v - lo) / span for k, v in values.items()}
 
 
+SCORE_UPDATES = ("average", "accumulate")
+
+
 class RWalk:
     def __init__(
         self,
@@ -75,6 +89,8 @@ class RWalk:
         ewc_alpha: float = 0.9,
         delta_t: int = 10,
         epsilon: float = 1e-3,
+        path_score: bool = True,
+        score_update: str = "average",
     ):
         if not _number(ewc_lambda) or ewc_lambda < 0:
             raise ValueError(f"RWalk ewc_lambda={ewc_lambda!r} must be a finite number ≥ 0")
@@ -84,8 +100,15 @@ class RWalk:
             raise ValueError(f"RWalk delta_t={delta_t!r} must be an integer ≥ 1")
         if not _number(epsilon) or epsilon <= 0:
             raise ValueError(f"RWalk epsilon={epsilon!r} must be a finite number > 0")
+        if score_update not in SCORE_UPDATES:
+            raise ValueError(
+                f"RWalk score_update={score_update!r} is not one of {', '.join(SCORE_UPDATES)}"
+            )
+        if not isinstance(path_score, bool):
+            raise ValueError(f"RWalk path_score={path_score!r} must be true or false")
         self.ewc_lambda, self.ewc_alpha = float(ewc_lambda), float(ewc_alpha)
         self.delta_t, self.epsilon = delta_t, float(epsilon)
+        self.path_score, self.score_update = path_score, score_update
         self.fisher: dict[str, Tensor] = {}  # F, the EWC++ running Fisher
         self.score: dict[str, Tensor] = {}  # S, over the experiences so far
         self.weights: dict[str, Tensor] = {}  # F̂ + Ŝ, the penalty's weights
@@ -167,10 +190,18 @@ class RWalk:
             self._close_window(state)
         for name, s in self.exp_score.items():
             old = self.score.get(name)
-            self.score[name] = s if old is None else 0.5 * (_fit(old, s) + s)
+            if old is None:
+                self.score[name] = s
+            elif self.score_update == "average":  # the paper
+                self.score[name] = 0.5 * (_fit(old, s) + s)
+            else:  # the authors' code: assign_add of the average
+                self.score[name] = _fit(old, s) + 0.5 * (_fit(old, s) + s)
         self.exp_score, self.window, self.window_steps = {}, {}, 0
         fisher, score = _min_max(self.fisher), _min_max(self.score)
-        self.weights = {n: fisher[n] + score[n] for n in self.score}
+        if self.path_score:
+            self.weights = {n: fisher[n] + score[n] for n in self.score}
+        else:  # EWC++ alone
+            self.weights = {n: fisher[n] for n in self.score}
         self.anchor = anchor_of(state.model)
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
