@@ -9,10 +9,12 @@ Each (preset, seed) runs as its own process, ``clrun experiment=<preset> seed=<s
 hydra.run.dir=<out>/<preset>/seed<s>``, one after the other (``--quick`` runs go to
 ``<out>/quick/``). A run directory whose ``summary.json`` records a completed run of the same seed
 and overrides, made with the config they compose today (``threads`` and the other run-management
-keys aside), is reused (``--force`` reruns it; a preset edited since is rerun from scratch), so the
-same command continues an interrupted reproduction; ``--report-only`` runs nothing. The script
-then reads every ``summary.json`` and prints a Markdown table (also written to ``<out>/reproduce.md``): preset, metric, our mean ± std
-(n seeds), the published mean ± spread, the difference, and a verdict.
+keys aside), is reused (``--force`` reruns it; a run made with another config, say before the
+preset was edited, is moved aside to ``seed<s>.stale-<time>`` and rerun), so the same command
+continues an interrupted reproduction; ``--report-only`` runs nothing. The script then reads
+every ``summary.json`` and prints a Markdown table (also written to ``<out>/reproduce.md``):
+preset, metric, our mean ± std (n seeds), the published mean ± spread, the difference, and a
+verdict.
 
 Published numbers live in one place: each preset's header, on one line the tests check,
 
@@ -150,7 +152,7 @@ def run_one(preset: str, seed: int, run_dir: Path, overrides: list[str], threads
     """Run (or reuse) one preset and seed; return its summary (None if it did not complete)."""
     args = [f"experiment={preset}", f"seed={seed}", *overrides]
     done = read_summary(run_dir)
-    stale = done is not None and not same_config(run_dir, args)  # its checkpoint cannot resume
+    stale = done is not None and not same_config(run_dir, args)
     same = (
         done is not None
         and not stale
@@ -160,8 +162,13 @@ def run_one(preset: str, seed: int, run_dir: Path, overrides: list[str], threads
     if not force and same and done.get("status") == "completed":
         print(f"  {preset} seed {seed}: reused {run_dir}", flush=True)
         return done
+    if stale:  # made with another config: kept aside, never overwritten
+        aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"  {preset} seed {seed}: {run_dir} was made with another config, moved to {aside}",
+              flush=True)  # fmt: skip
     cmd = [sys.executable, "-m", "clrun", *args, f"threads={threads}",
-           f"hydra.run.dir={run_dir}", *(["resume=false"] if force or stale else [])]  # fmt: skip
+           f"hydra.run.dir={run_dir}", *(["resume=false"] if force else [])]  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:

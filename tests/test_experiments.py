@@ -137,6 +137,11 @@ def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
     job = [o for o in summary["overrides"] if not o.startswith(("threads=", "hydra."))]
     assert reproduce.same_config(run_dir, job)
     assert not reproduce.same_config(run_dir, [*job, "optimizer.lr=0.5"])
+    other = _run_script(*args, "--override", "optimizer.lr=0.5")  # the old run is kept aside
+    assert other.returncode == 0 and "made with another config, moved to" in other.stdout
+    (aside,) = run_dir.parent.glob("seed0.stale-*")
+    assert json.loads((aside / "summary.json").read_text()) == summary
+    assert reproduce.same_config(run_dir, [*job, "optimizer.lr=0.5"])
 
 
 def test_reproduce_rejects_an_unknown_preset(tmp_path):
