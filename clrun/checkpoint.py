@@ -26,7 +26,7 @@ from clrun.io import flatten, write_atomic
 
 FILE = "checkpoint/state.pt"
 # Keys that may differ between a run and its resumption.
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint", "logger")
+RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
 
 
 class CheckpointError(RuntimeError):

@@ -63,6 +63,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 | bf16"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "benchmark.scenario": (lambda v: v in SCENARIOS, " | ".join(SCENARIOS)),
     "benchmark.n_experiences": _int_at_least(1),
@@ -122,6 +123,20 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} is not available on this machine: use auto or cpu")
     return device
+
+
+def set_deterministic(on: bool) -> None:
+    """``deterministic=true``: deterministic kernels where torch has them (cuDNN convolutions,
+    cuBLAS with a fixed workspace, index and scatter sums), so that a GPU run repeats bit for bit
+    and a resumed one equals an uninterrupted one; a warning names any op that has none. CPU
+    runs are deterministic either way. Set per run: in-process runs do not leak it to the next."""
+    import os
+
+    import torch
+
+    if on:  # read when cuBLAS makes its first handle: before the first matrix product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def check_signature(node: DictConfig, key: str) -> Callable:

@@ -34,7 +34,7 @@ from clrun.io import write_atomic
 
 # Top-level keys that do not change a run's results (the runner's RUN_MANAGEMENT_KEYS, which
 # may differ between a run and its resumption; kept here so that the report does not load torch).
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "data_dir", "checkpoint", "logger")
+RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
 NOT_A_GROUP_KEY = ("seed", "hydra", *RUN_MANAGEMENT_KEYS)
 METRICS = {  # summary.json field → column title
     "final_avg_acc": "final avg acc",

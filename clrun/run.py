@@ -22,7 +22,7 @@ from tqdm import tqdm
 from clrun import checkpoint, plots, unlearning
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, rebuild_optimizer
-from clrun.config import ConfigError, build, resolve_device, validate
+from clrun.config import ConfigError, build, resolve_device, set_deterministic, validate
 from clrun.io import flatten, write_json
 from clrun.loggers import NoLogger
 from clrun.metrics import Recorder, Work, run_summary
@@ -43,6 +43,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         device = resolve_device(cfg.device)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
+        set_deterministic(bool(cfg.get("deterministic")))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)  # minibatch order
 
@@ -83,7 +84,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "components": components.state_dict(), "recorder": recorder.state_dict(),
                 "buffer": buffer.state_dict() if buffer is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()},
+                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "benchmark": benchmark.state_dict(), "work": vars(work),
             })  # fmt: skip
 
@@ -99,6 +101,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             recorder.load_state_dict(saved["recorder"])
             torch.set_rng_state(saved["rng"]["torch"].cpu())
             gen.set_state(saved["rng"]["data"].cpu())
+            if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
             benchmark.load_state_dict(saved["benchmark"])
             vars(work).update(saved["work"])
             state.step, start, position = saved["step"], saved["next_experience"], saved["position"]
@@ -189,7 +193,7 @@ def train_experience(state: RunState, data: Experience, components: Components,
     bar = tqdm(total=total, initial=step, desc=f"experience {data.index}",
                disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
     while step < total:
-        epoch_start = resume_at["gen_state"] if resume_at else gen.get_state()
+        epoch_start = resume_at["gen_state"].cpu() if resume_at else gen.get_state()
         gen.set_state(epoch_start)
         order = torch.randperm(n, generator=gen).to(device, non_blocking=True)
         first, resume_at = (resume_at["offset"] if resume_at else 0), None

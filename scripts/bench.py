@@ -39,8 +39,10 @@ checksummed checkpoint after every experience, the summary and the two plots. Th
 overhead the ratio measures. The training phase of both is timed the same way (training plus the
 strategy's end-of-experience work: buffer update, teacher copy, Fisher), ending with a host sync.
 
-``--device cuda``, ``--precision bf16``, ``--compile`` and ``--channels-last`` apply to both sides
-(clrun: ``device=``, ``precision=``, ``compile=``, ``channels_last=``). ``--clrun-arg KEY=VALUE``
+``--device cuda``, ``--precision bf16``, ``--compile``, ``--channels-last`` and ``--deterministic``
+apply to both sides (clrun: ``device=``, ``precision=``, ``compile=``, ``channels_last=``,
+``deterministic=``). On a GPU, without ``--deterministic``, cuDNN's and the scatter kernels'
+summation order varies from run to run, so ``max ΔR`` is then not 0 even between two clrun runs. ``--clrun-arg KEY=VALUE``
 (repeatable) passes any other override to clrun only (the last value of a key wins): the bare
 loop does not follow it, so the ratio then compares different work.
 
@@ -94,6 +96,7 @@ class Settings:
     precision: str = "fp32"
     compile: bool = False
     channels_last: bool = False
+    deterministic: bool = False
     cifar_folder: str = ""  # the generated cifar-10-batches-py
 
 
@@ -107,7 +110,7 @@ def clrun_command(w: Workload, s: Settings, run_dir: str, extra: list[str]) -> l
            f"strategy.batch_size={w.batch}", "strategy.eval_batch_size=1000",
            f"threads={s.threads}", f"device={s.device}", f"precision={s.precision}",
            f"compile={str(s.compile).lower()}", f"channels_last={str(s.channels_last).lower()}",
-           "seed=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
+           f"deterministic={str(s.deterministic).lower()}", "seed=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
     if w.strategy == "replay":
         cmd += ["buffer=class_balanced", f"buffer.max_size={REPLAY_SIZE}"]
     return cmd + extra
@@ -117,7 +120,8 @@ def bare_command(name: str, s: Settings, result: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--bare", name, "--result", str(result),
            "--threads", str(s.threads), "--device", s.device, "--precision", s.precision,
            "--cifar-folder", s.cifar_folder]  # fmt: skip
-    return cmd + ["--compile"] * s.compile + ["--channels-last"] * s.channels_last
+    return (cmd + ["--compile"] * s.compile + ["--channels-last"] * s.channels_last
+            + ["--deterministic"] * s.deterministic)
 
 
 def run_once(cmd: list[str]) -> float:
@@ -172,6 +176,7 @@ def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> 
 def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
     options = f"device {s.device}, {s.threads} thread(s), {s.precision}" + (
         ", compile" * s.compile + ", channels-last" * s.channels_last
+        + ", deterministic" * s.deterministic
     )
     lines = [
         f"{options}; 1 epoch per experience; median of {repeats} interleaved runs."
@@ -228,6 +233,9 @@ def bare(name: str, s: Settings, result: Path) -> None:
     w = WORKLOADS[name]
     device = torch.device(s.device)
     torch.set_num_threads(s.threads)
+    if s.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(0)
     if w.data == "mnist":
         cache = Path(os.environ.get("CLRUN_DATA", Path.home() / ".cache" / "clrun"))
@@ -452,6 +460,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (both)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last (both)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic GPU kernels (both): max ΔR 0 on a GPU too")
     ap.add_argument("--clrun-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="another clrun override (clrun only; repeatable)")  # fmt: skip
     ap.add_argument("--cifar-per-class", default="200,20", metavar="TRAIN,TEST",
@@ -462,7 +472,7 @@ def main() -> None:
     ap.add_argument("--cifar-folder", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     settings = Settings(a.threads, a.device, a.precision, a.compile, a.channels_last,
-                        a.cifar_folder)  # fmt: skip
+                        a.deterministic, a.cifar_folder)  # fmt: skip
     if a.bare:
         bare(a.bare, settings, a.result)
         return

@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "conf" / "experiment"
-RUN_MANAGEMENT = ("resume", "threads", "data_dir", "checkpoint", "hydra", "seed")
+RUN_MANAGEMENT = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "hydra", "seed")
 PUBLISHED = re.compile(
     r"^# published: (?P<metric>\w+) (?P<mean>-?[\d.]+) ± (?P<spread>[\d.]+) (?P<pct>%)? ?"
     r"\((?P<kind>s\.e\.m\.|std|c\.i\.) over (?P<n>\d+) seeds\)\s*$",

@@ -17,9 +17,11 @@ def test_replay_run_keeps_data_buffer_and_model_on_the_gpu(run_debug):
 
 
 def test_bf16_compile_channels_last_learn(run_debug):
-    summary, _ = run_debug("device=cuda", "model=cnn", "precision=bf16", "compile=true",
-                           "channels_last=true", "strategy=replay")  # fmt: skip
-    assert summary["status"] == "completed" and summary["final_avg_acc"] > 0.5
+    # cumulative training of a small CNN: 0.97 on the CPU in fp32
+    summary, _ = run_debug("device=cuda", "model=cnn", "~model.hidden_sizes", "model.channels=[16,32]",
+                           "precision=bf16", "compile=true", "channels_last=true",
+                           "strategy=cumulative")  # fmt: skip
+    assert summary["status"] == "completed" and summary["final_avg_acc"] > 0.8
 
 
 @pytest.mark.parametrize("strategy", ["naive", "replay", "lwf", "ewc", "gem"])
@@ -35,3 +37,13 @@ def test_unlearning_request_on_the_gpu(run_debug):
     )
     block = summary["unlearning"]
     assert block["events"][0]["buffer_samples_removed"] > 0 and "forgotten" in block["reference"]
+
+
+@pytest.mark.parametrize("strategy", ["replay", "derpp", "xder"])
+def test_deterministic_gpu_run_repeats_bit_for_bit(run_debug, strategy):
+    overrides = ("device=cuda", "deterministic=true", f"strategy={strategy}")
+    (a, dir_a), (b, dir_b) = run_debug(*overrides), run_debug(*overrides)
+    assert a["status"] == b["status"] == "completed"
+    ma = torch.load(dir_a / "checkpoint" / "state.pt", weights_only=True)["model"]
+    mb = torch.load(dir_b / "checkpoint" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)

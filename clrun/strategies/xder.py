@@ -139,7 +139,8 @@ class XDER:
                 )
             head_of[classes] = k
         self.head_of, self.n_heads = head_of.to(state.device), len(heads)
-        self.counter = self.counter.to(state.device)
+        with torch.inference_mode(False):  # the first call may come from evaluation
+            self.counter = self.counter.to(state.device)
 
     def _units(self, k: int, which: str) -> Tensor:
         """(n_classes,) bool: the units of the past / present / future heads of experience k."""
