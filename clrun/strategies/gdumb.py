@@ -23,6 +23,7 @@ its task-incremental masking is what a multi-head model does.
 
 Works in every scenario (classes are the labels ``y``; in domain-incremental they repeat across
 experiences and the memory stays balanced over them). State: the memory, the initial weights.
+Continual unlearning (``forget``): the forgotten experiences' samples leave the memory.
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ class GDumb:
             self.initial = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         reset_to(state.model, self.initial)
         state.reset_optimizer = True
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the forgotten experiences' samples leave the memory. From the next
+        experience on, the model is retrained from scratch on a memory without them, so the
+        forgetting is exact from then on; until then the unlearning method changes the model."""
+        self.memory.purge(experiences)
 
     def after_backward(self, state: RunState) -> None:
         if self.clip_grad_norm is not None:

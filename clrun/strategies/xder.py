@@ -39,7 +39,8 @@ the experience being trained, heads are past, present or future. X-DER keeps its
 Not included: the code's options that are off by default (``align_bn``, ``start_from``). Scenarios:
 ``class`` and ``task`` with ``model.head=single`` (future heads must exist before their classes
 arrive); ``domain`` is not supported (no per-experience heads). State: the memory (samples,
-logits, generator) and the update counters of the experience.
+logits, generator) and the update counters of the experience. Continual unlearning (``forget``):
+the forgotten experiences' samples leave the memory.
 """
 
 from __future__ import annotations
@@ -308,6 +309,13 @@ class XDER:
         if state.benchmark.scenario == "task":
             out = out.masked_fill(self.head_of.unsqueeze(0) != t.unsqueeze(1), MASKED)
         return out
+
+    def forget(self, state: RunState, experiences: list[int]) -> None:
+        """Continual unlearning: the forgotten experiences' samples leave the memory, with their
+        logits; the freed slots go to the classes of the next experiences. The retained samples'
+        logits are kept as they are (as DER's in the run's buffer)."""
+        self.memory.purge(experiences)
+        self.counter.zero_()
 
     def state_dict(self) -> dict:
         return {"memory": self.memory.state_dict(), "counter": self.counter}
