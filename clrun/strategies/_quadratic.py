@@ -28,5 +28,6 @@ def quadratic(model: nn.Module, weights: dict[str, Tensor], anchor: dict[str, Te
     for name, p in model.named_parameters():
         w = weights.get(name)
         if w is not None:
-            total = total + (w * (p[old_part(w.shape)] - anchor[name]).pow(2)).sum()
+            part = p if p.shape == w.shape else p[old_part(w.shape)]  # no slice op when not grown
+            total = total + (w * (part - anchor[name]).pow(2)).sum()
     return total
