@@ -714,19 +714,21 @@ def permuted_mnist(
     online_batch_size: int = 10,
     train_samples_per_experience: int | None = None,
     normalize: bool = True,
+    pad: int = 0,
 ) -> Benchmark:
     """Permuted MNIST: every experience applies its own fixed random pixel permutation.
     ``train_samples_per_experience``: each experience trains on its own random subset of that
     many samples (null: all 60,000). ``normalize=False``: pixels / 255, in [0, 1] (as GEM's and
-    A-GEM's code), instead of the standardisation with MNIST's mean and std."""
+    A-GEM's code), instead of the standardisation with MNIST's mean and std. ``pad``: black
+    pixels added on every side before permuting (van de Ven & Tolias: 2, 32×32 = 1024 pixels)."""
     from clrun.datasets import load_dataset
 
-    data = load_dataset("mnist", data_dir)
+    data = zero_pad(load_dataset("mnist", data_dir), pad)
     g = torch.Generator().manual_seed(seed)
     n_pix = data["x_train"][0].numel()
     perms = torch.stack([torch.randperm(n_pix, generator=g) for _ in range(max(n_experiences, 0))])
     b = _domain_stream("permuted_mnist", scenario, n_experiences, data, _Permute(perms),
-                       {"seed": seed}, seed, train_samples_per_experience, normalize)  # fmt: skip
+                       {"seed": seed, "pad": pad}, seed, train_samples_per_experience, normalize)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 

@@ -462,3 +462,19 @@ def test_domain_benchmarks_unnormalised_inputs(fake_dataset, name):
     assert build(cfg.benchmark, "benchmark").info["normalize"] is False
     with pytest.raises(ValueError, match="benchmark.normalize='no'"):
         getattr(bm, name)(n_experiences=2, normalize="no")
+
+
+def test_permuted_mnist_pads_before_permuting(fake_dataset):
+    """pad=2 (van de Ven & Tolias): 32×32 images whose 1024 pixels, the black border included,
+    are permuted; the pixels of the original image are all still there."""
+    b = bm.permuted_mnist(n_experiences=2, pad=2, normalize=False)
+    assert tuple(b.input_shape)[1:] == (32, 32) and b.info["pad"] == 2
+    ex = b.train_stream[1]
+    out = b.prepare(ex.x[:3], ex.e[:3])
+    assert out.shape[1:] == (1, 32, 32)
+    plain = bm.permuted_mnist(n_experiences=1, normalize=False).train_stream[0].x[:3]
+    for i in range(3):  # the same pixel values (a permutation of the padded image)
+        want = torch.cat([plain[i].flatten().float() / 255, torch.zeros(32 * 32 - plain[i].numel())])
+        assert torch.allclose(out[i].flatten().sort().values, want.sort().values, atol=1e-6)
+    with pytest.raises(ValueError, match="benchmark.pad=-1"):
+        bm.permuted_mnist(n_experiences=2, pad=-1)

@@ -62,7 +62,7 @@ def test_vandeven2022_presets_share_the_protocol():
         assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (2, False)  # 32×32, in [0, 1]
 
 
-@pytest.mark.parametrize("family", ["vandeven2022_", "vandeven2018_"])
+@pytest.mark.parametrize("family", ["vandeven2022_", "vandeven2018_splitmnist_"])
 def test_vandeven_protocols_draw_the_class_order_from_the_seed(family):
     """As the authors' code: every seed assigns the digits to the contexts in its own order."""
     presets = [p for p in PRESETS if p.startswith(family)]
@@ -83,6 +83,28 @@ def test_vandeven2018_presets_share_the_protocol():
         assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (0, False)  # 28×28, in [0, 1]
         assert list(cfg.model.hidden_sizes) == [400, 400] and cfg.optimizer.lr == 0.001
         assert (cfg.strategy.batch_size, cfg.strategy.iterations) == (128, 2000)
+
+
+def test_vandeven2018_permuted_presets_share_the_protocol():
+    """Table 4's protocol: 10 permutations of 32×32 MNIST in [0, 1] drawn from the seed, 2×1000,
+    Adam 1e-4, 5000 iterations of 128; the regularisation strengths of the authors' code, online
+    EWC's λ·γ, and the Fisher from the model's most likely labels."""
+    heads = {"task": "multi", "domain": "single", "class": "incremental"}
+    presets = [p for p in PRESETS if p.startswith("vandeven2018_pmnist_")]
+    assert len(presets) == 12
+    for preset in presets:
+        cfg = make_cfg(f"experiment={preset}", "seed=3")
+        scenario = preset.split("_")[2]
+        assert cfg.benchmark._target_.endswith("permuted_mnist") and cfg.benchmark.seed == 3
+        assert cfg.benchmark.scenario == scenario and cfg.model.head == heads[scenario]
+        assert (cfg.benchmark.n_experiences, cfg.benchmark.pad, cfg.benchmark.normalize) == (10, 2, False)
+        assert list(cfg.model.hidden_sizes) == [1000, 1000] and cfg.optimizer.lr == 0.0001
+        assert (cfg.strategy.batch_size, cfg.strategy.iterations) == (128, 5000)
+        if "ewc" in preset:
+            assert cfg.strategy.fisher == "predicted" and cfg.strategy.fisher_samples is None
+    online = make_cfg("experiment=vandeven2018_pmnist_domain_online_ewc").strategy
+    assert (online.mode, online.ewc_lambda, online.decay_factor) == ("online", 900, 0.9)
+    assert make_cfg("experiment=vandeven2018_pmnist_class_si").strategy.si_lambda == 0.1
 
 
 def test_an_override_after_the_preset_wins():

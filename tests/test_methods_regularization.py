@@ -619,3 +619,22 @@ def test_lwf_seen_units_are_the_old_ones_outside_class_incremental(scenario, hea
         x = state.benchmark.prepare(batch.x, batch.e)
         terms.append(lwf.penalty(state, batch, x, state.model(x, batch.t)))
     assert float(terms[0].detach()) > 0 and torch.equal(terms[0], terms[1])
+
+
+@pytest.mark.parametrize("scenario,head", [("class", "incremental"), ("task", "multi")])
+def test_ewc_predicted_fisher_is_the_empirical_fisher_of_the_models_own_labels(scenario, head):
+    """fisher=predicted (van de Ven & Tolias's code): the per-sample gradients use the model's most
+    likely label, which is the empirical Fisher of the data relabelled that way."""
+    from clrun.strategies import EWC
+
+    state = _setup(scenario, head)
+    exp = state.benchmark.train_stream[0]
+    adapt_model(state.model, exp)
+    predicted = EWC(fisher="predicted", fisher_samples=50)._fisher(state, exp)
+    with torch.no_grad():
+        y = state.model(state.benchmark.prepare(exp.x, exp.e), exp.t).argmax(1)
+    relabelled = Experience(exp.index, exp.x, y, exp.t, exp.e)
+    assert not torch.equal(y, exp.y)  # the untrained model's labels are not the data's
+    empirical = EWC(fisher="empirical", fisher_samples=50)._fisher(state, relabelled)
+    for name, f in predicted.items():
+        assert torch.allclose(f, empirical[name], atol=1e-7), name

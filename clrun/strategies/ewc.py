@@ -4,7 +4,7 @@
 ``post_update``: the diagonal Fisher information of the experience's training data is computed
 from per-sample gradients of the log-likelihood (``fisher=empirical``: true labels, as most CL
 code does; ``fisher=sampled``: labels drawn from the model's predictive distribution, the Fisher
-of the paper), over ``fisher_samples`` samples (null = all), with the model in eval mode; the
+of the paper; ``fisher=predicted``: the model's most likely label, as van de Ven & Tolias's code), over ``fisher_samples`` samples (null = all), with the model in eval mode; the
 parameters are snapshotted. ``penalty``: ``ewc_lambda``/2 · Σ F (θ − θ*)².
 
 ``mode=separate`` keeps one (F, θ*) pair per experience (memory grows with the stream, by
@@ -27,7 +27,7 @@ from clrun.strategies._per_sample import sum_per_sample_grads
 from clrun.strategies._quadratic import anchor_of, old_part, quadratic
 
 MODES = ("separate", "online")
-FISHERS = ("empirical", "sampled")
+FISHERS = ("empirical", "sampled", "predicted")
 
 
 class EWC:
@@ -102,7 +102,7 @@ class EWC:
         samples = exp.subset(
             torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
         )
-        if self.fisher == "sampled":  # labels drawn from the model's predictive distribution
+        if self.fisher != "empirical":  # labels from the model: drawn, or its most likely one
             was_training = state.model.training
             state.model.eval()
             with torch.no_grad():
@@ -111,9 +111,12 @@ class EWC:
                     for b in (samples.subset(torch.arange(i, min(i + 256, n))) for i in range(0, n, 256))
                 ])  # fmt: skip
             state.model.train(was_training)
-            y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)
-            samples = Experience(samples.index, samples.x, y.squeeze(1).to(samples.y.device),
-                                 samples.t, samples.e)  # fmt: skip
+            if self.fisher == "sampled":
+                y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)
+                y = y.squeeze(1).to(samples.y.device)
+            else:
+                y = logits.argmax(1)
+            samples = Experience(samples.index, samples.x, y, samples.t, samples.e)
         nll = lambda out, y: F.cross_entropy(out, y, reduction="none")  # noqa: E731
         fisher = sum_per_sample_grads(state, samples, nll, torch.square,
                                       self.fisher_batch_size)  # fmt: skip
