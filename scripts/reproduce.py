@@ -2,7 +2,7 @@
 
     python scripts/reproduce.py --all --seeds 0,1,2                 # every preset, 3 seeds each
     python scripts/reproduce.py --presets vandeven2022_splitmnist_class_er --seeds 0
-    python scripts/reproduce.py --all --quick                        # smoke check: 2 steps per experience
+    python scripts/reproduce.py --all --quick                        # smoke check: 2 experiences of 2 steps
     python scripts/reproduce.py --all --seeds 0 --override device=cuda
 
 Each (preset, seed) runs as its own process, ``clrun experiment=<preset> seed=<s> threads=<t>
@@ -27,7 +27,7 @@ it; the config stays free of keys that no code reads.
 Verdict. The difference is compared with its standard error: the published s.e.m. combined with
 ours, std/√n, where with fewer than two seeds of ours the published per-seed std (s.e.m.·√n)
 stands in for our std. ``within noise`` when |difference| ≤ 2 standard errors, otherwise ``off``.
-``--quick`` runs are smoke checks (2 steps per experience, small Fisher/importance samples): the
+``--quick`` runs are smoke checks (2 experiences, 2 steps each, small Fisher/importance samples): the
 table says ``quick`` instead of a verdict.
 """
 
@@ -54,7 +54,8 @@ PUBLISHED = re.compile(
     re.MULTILINE,
 )
 # --quick: overrides applied when the preset's composed config has the key
-QUICK = {"strategy.iterations": 2, "strategy.fisher_samples": 32, "strategy.importance_samples": 32}
+QUICK = {"strategy.iterations": 2, "strategy.fisher_samples": 32, "strategy.importance_samples": 32,
+         "benchmark.n_experiences": 2}
 
 
 @dataclass
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/reproduce", help="root of the run directories")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default: 1)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke check: 2 steps per experience, small Fisher/importance samples")  # fmt: skip
+                    help="smoke check: 2 experiences of 2 steps, small Fisher/importance samples")  # fmt: skip
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra clrun override for every run (repeatable), e.g. device=cuda")  # fmt: skip
     ap.add_argument("--force", action="store_true", help="rerun runs that already completed")

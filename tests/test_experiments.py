@@ -141,7 +141,7 @@ def _run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
-    """One preset, one seed, 2 steps per experience, on the synthetic benchmark (no MNIST)."""
+    """One preset, one seed, 2 experiences of 2 steps, on the synthetic benchmark (no MNIST)."""
     preset = "vandeven2022_splitmnist_class_none"
     args = ["--presets", preset, "--seeds", "0", "--quick", "--out", str(tmp_path),
             "--override", "benchmark=synthetic"]  # fmt: skip
@@ -149,7 +149,7 @@ def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     summary = json.loads((tmp_path / "quick" / preset / "seed0" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["benchmark"] == "synthetic"
-    assert summary["steps"] == 5 * 2
+    assert summary["steps"] == 2 * 2  # 2 experiences of 2 steps
     assert f"| {preset} | final_avg_acc |" in p.stdout and "19.89 ± 0.02" in p.stdout
     assert (tmp_path / "quick" / "reproduce.md").read_text() in p.stdout
     again = _run_script(*args)  # the same command reuses the completed run
@@ -173,7 +173,7 @@ def test_reproduce_rejects_an_unknown_preset(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_quick_every_preset_on_mnist(tmp_path):
-    """Every preset with its real benchmark, 2 steps per experience (MNIST from the cache)."""
+    """Every preset with its real benchmark, 2 experiences of 2 steps (MNIST from the cache)."""
     p = _run_script("--all", "--quick", "--out", str(tmp_path), timeout=1800)
     assert p.returncode == 0, p.stdout + p.stderr
     for preset in PRESETS:
