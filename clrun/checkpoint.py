@@ -42,6 +42,22 @@ def save(run_dir: Path, state: dict) -> None:
     write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
 
 
+def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    """The random states a resumed run needs: torch's CPU generator (model init, dropout on the
+    CPU), the minibatch-order generator ``gen`` and, on a GPU, the device's (dropout there)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "data": gen.get_state(), "cuda": cuda}
+
+
+def restore_rng(rng: dict, gen: torch.Generator, device: torch.device) -> None:
+    """Undo :func:`rng_state`. The states are loaded onto the run's device with the rest of the
+    checkpoint; generators take them as CPU byte tensors."""
+    torch.set_rng_state(rng["torch"].cpu())
+    gen.set_state(rng["data"].cpu())
+    if rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
 def load(run_dir: Path, device: torch.device) -> dict | None:
     """The saved state, or None if the run has no checkpoint yet."""
     path = Path(run_dir) / FILE

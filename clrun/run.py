@@ -84,8 +84,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "components": components.state_dict(), "recorder": recorder.state_dict(),
                 "buffer": buffer.state_dict() if buffer is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "rng": checkpoint.rng_state(gen, device),
                 "benchmark": benchmark.state_dict(), "work": vars(work),
             })  # fmt: skip
 
@@ -99,10 +98,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             if buffer is not None:
                 buffer.load_state_dict(saved["buffer"])
             recorder.load_state_dict(saved["recorder"])
-            torch.set_rng_state(saved["rng"]["torch"].cpu())
-            gen.set_state(saved["rng"]["data"].cpu())
-            if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
+            checkpoint.restore_rng(saved["rng"], gen, device)
             benchmark.load_state_dict(saved["benchmark"])
             vars(work).update(saved["work"])
             state.step, start, position = saved["step"], saved["next_experience"], saved["position"]

@@ -120,8 +120,12 @@ def bare_command(name: str, s: Settings, result: Path) -> list[str]:
     cmd = [sys.executable, __file__, "--bare", name, "--result", str(result),
            "--threads", str(s.threads), "--device", s.device, "--precision", s.precision,
            "--cifar-folder", s.cifar_folder]  # fmt: skip
-    return (cmd + ["--compile"] * s.compile + ["--channels-last"] * s.channels_last
-            + ["--deterministic"] * s.deterministic)
+    return (
+        cmd
+        + ["--compile"] * s.compile
+        + ["--channels-last"] * s.channels_last
+        + ["--deterministic"] * s.deterministic
+    )
 
 
 def run_once(cmd: list[str]) -> float:
@@ -175,7 +179,8 @@ def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> 
 
 def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
     options = f"device {s.device}, {s.threads} thread(s), {s.precision}" + (
-        ", compile" * s.compile + ", channels-last" * s.channels_last
+        ", compile" * s.compile
+        + ", channels-last" * s.channels_last
         + ", deterministic" * s.deterministic
     )
     lines = [
@@ -460,8 +465,11 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (both)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last (both)")
-    ap.add_argument("--deterministic", action="store_true",
-                    help="deterministic GPU kernels (both): max ΔR 0 on a GPU too")
+    ap.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels (both): max ΔR 0 on a GPU too",
+    )
     ap.add_argument("--clrun-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="another clrun override (clrun only; repeatable)")  # fmt: skip
     ap.add_argument("--cifar-per-class", default="200,20", metavar="TRAIN,TEST",

@@ -54,8 +54,12 @@ PUBLISHED = re.compile(
     re.MULTILINE,
 )
 # --quick: overrides applied when the preset's composed config has the key
-QUICK = {"strategy.iterations": 2, "strategy.fisher_samples": 32, "strategy.importance_samples": 32,
-         "benchmark.n_experiences": 2}
+QUICK = {
+    "strategy.iterations": 2,
+    "strategy.fisher_samples": 32,
+    "strategy.importance_samples": 32,
+    "benchmark.n_experiences": 2,
+}
 
 
 @dataclass

@@ -474,7 +474,9 @@ def test_permuted_mnist_pads_before_permuting(fake_dataset):
     assert out.shape[1:] == (1, 32, 32)
     plain = bm.permuted_mnist(n_experiences=1, normalize=False).train_stream[0].x[:3]
     for i in range(3):  # the same pixel values (a permutation of the padded image)
-        want = torch.cat([plain[i].flatten().float() / 255, torch.zeros(32 * 32 - plain[i].numel())])
+        want = torch.cat(
+            [plain[i].flatten().float() / 255, torch.zeros(32 * 32 - plain[i].numel())]
+        )
         assert torch.allclose(out[i].flatten().sort().values, want.sort().values, atol=1e-6)
     with pytest.raises(ValueError, match="benchmark.pad=-1"):
         bm.permuted_mnist(n_experiences=2, pad=-1)

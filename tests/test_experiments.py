@@ -97,7 +97,11 @@ def test_vandeven2018_permuted_presets_share_the_protocol():
         scenario = preset.split("_")[2]
         assert cfg.benchmark._target_.endswith("permuted_mnist") and cfg.benchmark.seed == 3
         assert cfg.benchmark.scenario == scenario and cfg.model.head == heads[scenario]
-        assert (cfg.benchmark.n_experiences, cfg.benchmark.pad, cfg.benchmark.normalize) == (10, 2, False)
+        assert (cfg.benchmark.n_experiences, cfg.benchmark.pad, cfg.benchmark.normalize) == (
+            10,
+            2,
+            False,
+        )
         assert list(cfg.model.hidden_sizes) == [1000, 1000] and cfg.optimizer.lr == 0.0001
         assert (cfg.strategy.batch_size, cfg.strategy.iterations) == (128, 5000)
         if "ewc" in preset:
