@@ -727,8 +727,9 @@ def permuted_mnist(
     g = torch.Generator().manual_seed(seed)
     n_pix = data["x_train"][0].numel()
     perms = torch.stack([torch.randperm(n_pix, generator=g) for _ in range(max(n_experiences, 0))])
-    b = _domain_stream("permuted_mnist", scenario, n_experiences, data, _Permute(perms),
-                       {"seed": seed, "pad": pad}, seed, train_samples_per_experience, normalize)  # fmt: skip
+    info = {"seed": seed, "pad": pad}
+    b = _domain_stream("permuted_mnist", scenario, n_experiences, data, _Permute(perms), info,
+                       seed, train_samples_per_experience, normalize)  # fmt: skip
     return _finish(b, online=online, online_batch_size=online_batch_size)
 
 

@@ -42,8 +42,8 @@ strategy's end-of-experience work: buffer update, teacher copy, Fisher), ending 
 ``--device cuda``, ``--precision bf16``, ``--compile``, ``--channels-last`` and ``--deterministic``
 apply to both sides (clrun: ``device=``, ``precision=``, ``compile=``, ``channels_last=``,
 ``deterministic=``). On a GPU, without ``--deterministic``, cuDNN's and the scatter kernels'
-summation order varies from run to run, so ``max ΔR`` is then not 0 even between two clrun runs. ``--clrun-arg KEY=VALUE``
-(repeatable) passes any other override to clrun only (the last value of a key wins): the bare
+summation order varies from run to run, so ``max ΔR`` is then not 0 even between two clrun runs.
+``--clrun-arg KEY=VALUE`` (repeatable) passes any other override to clrun only (the last value of a key wins): the bare
 loop does not follow it, so the ratio then compares different work.
 
 This is a benchmark, not a test: run it on a quiet machine. Output: a Markdown table on stdout

@@ -4,7 +4,8 @@
 ``post_update``: the diagonal Fisher information of the experience's training data is computed
 from per-sample gradients of the log-likelihood (``fisher=empirical``: true labels, as most CL
 code does; ``fisher=sampled``: labels drawn from the model's predictive distribution, the Fisher
-of the paper; ``fisher=predicted``: the model's most likely label, as van de Ven & Tolias's code), over ``fisher_samples`` samples (null = all), with the model in eval mode; the
+of the paper; ``fisher=predicted``: the model's most likely label, as van de Ven & Tolias's
+code), over ``fisher_samples`` samples (null = all), with the model in eval mode; the
 parameters are snapshotted. ``penalty``: ``ewc_lambda``/2 · Σ F (θ − θ*)².
 
 ``mode=separate`` keeps one (F, θ*) pair per experience (memory grows with the stream, by
