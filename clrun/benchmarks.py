@@ -228,16 +228,38 @@ class Benchmark:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generator"])
 
 
 # --------------------------------------------------------------------------- stream building
 
 
-def _check_class_order(class_order: Sequence[int] | None, n_classes: int, seed: int) -> list[int]:
+def vandeven_class_order(n_classes: int, seed: int) -> list[int]:
+    """The class order of van de Ven & Tolias's code (``data.py`` / ``data/load.py``): class ``c``
+    is relabelled ``p[c]``, ``p = numpy.random.RandomState(seed).permutation(n_classes)`` (seed 0:
+    no relabelling), and the experiences take labels 0-1, 2-3, ... in turn. Their published runs
+    used seeds 0-19, so with this order each seed trains on the same digit pairs as theirs."""
+    if seed == 0:
+        return list(range(n_classes))
+    return np.argsort(np.random.RandomState(seed).permutation(n_classes)).tolist()
+
+
+NAMED_CLASS_ORDERS = {"vandeven": vandeven_class_order}
+
+
+def _check_class_order(
+    class_order: Sequence[int] | str | None, n_classes: int, seed: int
+) -> list[int]:
     if class_order is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(n_classes, generator=g).tolist()
+    if isinstance(class_order, str):
+        if class_order not in NAMED_CLASS_ORDERS:
+            raise ValueError(
+                f"benchmark.class_order={class_order!r} is not a list of classes, null or one of "
+                f"the named orders {', '.join(NAMED_CLASS_ORDERS)}"
+            )
+        return NAMED_CLASS_ORDERS[class_order](n_classes, seed)
     order = [int(c) for c in class_order]
     if len(order) == 0:
         raise ValueError("benchmark.class_order=[] is empty; give every class once or null")
@@ -283,7 +305,7 @@ def split_by_class(
     *,
     scenario: str,
     n_experiences: int,
-    class_order: Sequence[int] | None,
+    class_order: Sequence[int] | str | None,
     seed: int,
     mean: float | Sequence[float],
     std: float | Sequence[float],
@@ -415,7 +437,7 @@ def synthetic(
     scenario: str = "class",
     n_experiences: int = 5,
     n_classes: int = 10,
-    class_order: Sequence[int] | None = None,
+    class_order: Sequence[int] | str | None = None,
     train_per_class: int = 200,
     test_per_class: int = 50,
     image_size: int = 8,
@@ -525,7 +547,7 @@ def _check_normalize(normalize: object) -> None:
 def split_mnist(
     scenario: str = "class",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = tuple(range(10)),
+    class_order: Sequence[int] | str | None = tuple(range(10)),
     seed: int = 0,
     data_dir: str | None = None,
     augment: bool = False,
@@ -544,7 +566,7 @@ def split_mnist(
 def split_fmnist(
     scenario: str = "class",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = tuple(range(10)),
+    class_order: Sequence[int] | str | None = tuple(range(10)),
     seed: int = 0,
     data_dir: str | None = None,
     augment: bool = False,
@@ -561,7 +583,7 @@ def split_fmnist(
 def split_cifar10(
     scenario: str = "class",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = tuple(range(10)),
+    class_order: Sequence[int] | str | None = tuple(range(10)),
     seed: int = 0,
     data_dir: str | None = None,
     path: str | None = None,
@@ -578,7 +600,7 @@ def split_cifar100(
     n_experiences: int = 10,
     first_experience_classes: int | None = None,
     labels: str = "fine",
-    class_order: Sequence[int] | None = None,
+    class_order: Sequence[int] | str | None = None,
     seed: int = 1993,
     data_dir: str | None = None,
     path: str | None = None,
@@ -882,7 +904,7 @@ def from_files(
     scenario: str = "class",
     n_experiences: int = 5,
     first_experience_classes: int | None = None,
-    class_order: Sequence[int] | None = None,
+    class_order: Sequence[int] | str | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     seed: int = 0,
@@ -1024,7 +1046,7 @@ def image_folder(
     scenario: str = "class",
     n_experiences: int = 5,
     first_experience_classes: int | None = None,
-    class_order: Sequence[int] | None = None,
+    class_order: Sequence[int] | str | None = None,
     seed: int = 0,
     augment: bool = True,
     online: bool = False,

@@ -167,7 +167,7 @@ class Buffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.max_size = state["max_size"]
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generator"])
         self.data = dict(state["data"])
 
 

@@ -27,6 +27,9 @@ from clrun.io import flatten, write_atomic
 FILE = "checkpoint/state.pt"
 # Keys that may differ between a run and its resumption.
 RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
+# Keys under which a state holds random-generator states: ``load`` leaves them on the CPU, the
+# only device a ``torch.Generator.set_state`` or ``torch.set_rng_state`` takes them from.
+RNG_KEYS = ("generator", "rng", "gen_state")
 
 
 class CheckpointError(RuntimeError):
@@ -50,16 +53,16 @@ def rng_state(gen: torch.Generator, device: torch.device) -> dict:
 
 
 def restore_rng(rng: dict, gen: torch.Generator, device: torch.device) -> None:
-    """Undo :func:`rng_state`. The states are loaded onto the run's device with the rest of the
-    checkpoint; generators take them as CPU byte tensors."""
-    torch.set_rng_state(rng["torch"].cpu())
-    gen.set_state(rng["data"].cpu())
+    """Undo :func:`rng_state`."""
+    torch.set_rng_state(rng["torch"])
+    gen.set_state(rng["data"])
     if rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def load(run_dir: Path, device: torch.device) -> dict | None:
-    """The saved state, or None if the run has no checkpoint yet."""
+    """The saved state, or None if the run has no checkpoint yet. Its tensors are on ``device``,
+    except the random-generator states under :data:`RNG_KEYS`, which stay on the CPU."""
     path = Path(run_dir) / FILE
     if not path.exists():
         return None
@@ -71,7 +74,19 @@ def load(run_dir: Path, device: torch.device) -> dict | None:
             f"{path} does not match its checksum {digest_file.name}: the checkpoint is corrupted. "
             "Delete the checkpoint folder to start the run afresh."
         )
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    return to_device(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), device)
+
+
+def to_device(state, device: torch.device, rng: bool = False):
+    """``state`` (nested dicts, lists and tuples of tensors) with its tensors moved to ``device``,
+    but those under a key of :data:`RNG_KEYS`."""
+    if isinstance(state, torch.Tensor):
+        return state if rng else state.to(device)
+    if isinstance(state, dict):
+        return {k: to_device(v, device, rng or k in RNG_KEYS) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_device(v, device, rng) for v in state)
+    return state
 
 
 def load_for_resume(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict | None:

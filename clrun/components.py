@@ -40,6 +40,8 @@ component's state.
 
 A component with state implements ``state_dict()`` / ``load_state_dict(state)`` holding tensors
 and plain Python values only, so that checkpoints load with ``torch.load(weights_only=True)``.
+Its tensors come back on the run's device, except a random generator's state, which the runner
+keeps on the CPU if it is under the key ``generator`` (``checkpoint.RNG_KEYS``).
 If a component's constructor takes a ``buffer`` (or ``seed``) argument the YAML does not set,
 the runner passes the run's buffer (or seed).
 """

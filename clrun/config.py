@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from clrun.benchmarks import SCENARIOS
+from clrun.benchmarks import NAMED_CLASS_ORDERS, SCENARIOS
 from clrun.models import HEADS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -69,8 +69,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "benchmark.n_experiences": _int_at_least(1),
     "benchmark.seed": _int_at_least(0),
     "benchmark.class_order": (
-        lambda v: v is None or (isinstance(v, list | ListConfig) and all(_is_int(c) for c in v)),
-        "null or a list of integer class labels",
+        lambda v: (
+            v is None
+            or (isinstance(v, str) and v in NAMED_CLASS_ORDERS)
+            or (isinstance(v, list | ListConfig) and all(_is_int(c) for c in v))
+        ),
+        "null, a list of integer class labels or " + " | ".join(NAMED_CLASS_ORDERS),
     ),
     "model.head": (lambda v: v in HEADS, " | ".join(HEADS)),
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),

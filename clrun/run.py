@@ -189,7 +189,7 @@ def train_experience(state: RunState, data: Experience, components: Components,
     bar = tqdm(total=total, initial=step, desc=f"experience {data.index}",
                disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
     while step < total:
-        epoch_start = resume_at["gen_state"].cpu() if resume_at else gen.get_state()
+        epoch_start = resume_at["gen_state"] if resume_at else gen.get_state()
         gen.set_state(epoch_start)
         order = torch.randperm(n, generator=gen).to(device, non_blocking=True)
         first, resume_at = (resume_at["offset"] if resume_at else 0), None

@@ -94,6 +94,24 @@ def test_split_cifar100_layouts(fake_dataset):
         bm.split_cifar100(labels="medium")
 
 
+def test_vandeven_class_order_gives_the_authors_digit_pairs():
+    """Their code relabels digit c as p[c], p = numpy's permutation of the seed (seed 0: none),
+    and context t takes the new labels 2t, 2t+1; in domain-IL a digit's label is p[c] mod 2."""
+    p = [2, 9, 6, 4, 0, 3, 1, 7, 8, 5]  # numpy.random.RandomState(1).permutation(10)
+    pairs = [sorted(c for c in range(10) if p[c] // 2 == t) for t in range(5)]
+    assert pairs == [[4, 6], [0, 5], [3, 9], [2, 7], [1, 8]]
+    kw = {"n_classes": 10, "train_per_class": 3, "test_per_class": 2, "seed": 1}
+    b = bm.synthetic(class_order="vandeven", **kw)
+    assert classes(b.train_stream) == pairs
+    domain = bm.synthetic(scenario="domain", class_order="vandeven", **kw)
+    for ex, ex_d in zip(b.train_stream, domain.train_stream, strict=True):
+        assert ex_d.y.tolist() == [p[c] % 2 for c in ex.y.tolist()]
+    b0 = bm.synthetic(class_order="vandeven", **{**kw, "seed": 0})
+    assert classes(b0.train_stream) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    with pytest.raises(ValueError, match=r"class_order='vandevan' .* named orders vandeven"):
+        bm.synthetic(class_order="vandevan", **kw)
+
+
 def test_split_cifar10_from_a_generated_official_archive(tmp_path, monkeypatch):
     files, arrays = make_cifar("cifar10", n_train=4, n_test=2)
     archive = make_cifar_archive("cifar10", files)

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("benchmark.class_order=[]", ["benchmark.class_order", "empty"]),
         ("benchmark.class_order=[0,0,1,2,3,4,5,6,7,8]", ["benchmark.class_order", "repeats"]),
         ("benchmark.class_order=[0,1,2,3,4,5,6,7,8,99]", ["benchmark.class_order", "99"]),
+        ("benchmark.class_order=random", ["benchmark.class_order", "random", "vandeven"]),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, override, expected):

@@ -69,6 +69,37 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(run_debug, tmp_path):
     assert_same_run(ref_dir, run_dir)
 
 
+def test_checkpoint_load_keeps_random_states_on_the_cpu(run_debug, tmp_path):
+    """``checkpoint.load`` moves tensors to the run's device, but generator states stay on the
+    CPU, where ``set_state`` takes them (resuming on a GPU once failed on exactly this). The
+    ``meta`` device stands in for a GPU."""
+    from clrun import checkpoint
+
+    run_dir = tmp_path / "term"
+    p = clrun("debug=default", "strategy=replay_lwf", *KILLER, f"hydra.run.dir={run_dir}",
+              cwd=tmp_path, kill_at="31:SIGTERM")  # fmt: skip
+    assert p.returncode == 3, p.stderr
+    saved = checkpoint.load(run_dir, torch.device("meta"))
+    rng, other = [], []
+
+    def walk(node, under_rng):
+        if isinstance(node, torch.Tensor):
+            (rng if under_rng else other).append(node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, under_rng or k in checkpoint.RNG_KEYS)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v, under_rng)
+
+    walk(saved, False)
+    # the torch and minibatch-order states, the mid-experience order and the buffer's generator
+    assert len(rng) >= 4 and all(t.device.type == "cpu" for t in rng)
+    for t in rng:
+        torch.Generator().set_state(t)
+    assert other and all(t.device.type == "meta" for t in other)
+
+
 def test_corrupted_checkpoint_is_refused(run_debug, tmp_path):
     _, run_dir = run_debug("strategy=naive")
     path = run_dir / "checkpoint" / "state.pt"

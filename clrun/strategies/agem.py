@@ -91,5 +91,5 @@ class AGEM:
 
     def load_state_dict(self, state: dict) -> None:
         self.memory = {int(k): dict(m) for k, m in state["memory"]}
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generator"])
         self._pool = None

@@ -130,4 +130,4 @@ class EWC:
     def load_state_dict(self, state: dict) -> None:
         self.terms = state["terms"]
         self.reanchor = bool(state.get("reanchor", False))
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generator"])

@@ -150,4 +150,4 @@ class MAS:
     def load_state_dict(self, state: dict) -> None:
         self.importance, self.anchor = dict(state["importance"]), dict(state["anchor"])
         self.reanchor = bool(state.get("reanchor", False))
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generator"])
