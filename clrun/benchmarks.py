@@ -237,8 +237,9 @@ class Benchmark:
 def vandeven_class_order(n_classes: int, seed: int) -> list[int]:
     """The class order of van de Ven & Tolias's code (``data.py`` / ``data/load.py``): class ``c``
     is relabelled ``p[c]``, ``p = numpy.random.RandomState(seed).permutation(n_classes)`` (seed 0:
-    no relabelling), and the experiences take labels 0-1, 2-3, ... in turn. Their published runs
-    used seeds 0-19, so with this order each seed trains on the same digit pairs as theirs."""
+    no relabelling), and the experiences take labels 0-1, 2-3, ... in turn. With it a seed trains
+    on the digit pairs their code draws for that seed (their 2018 table: seeds 0-19; their 2022
+    article: 2-21)."""
     if seed == 0:
         return list(range(n_classes))
     return np.argsort(np.random.RandomState(seed).permutation(n_classes)).tolist()
