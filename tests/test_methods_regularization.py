@@ -638,3 +638,47 @@ def test_ewc_predicted_fisher_is_the_empirical_fisher_of_the_models_own_labels(s
     empirical = EWC(fisher="empirical", fisher_samples=50)._fisher(state, relabelled)
     for name, f in predicted.items():
         assert torch.allclose(f, empirical[name], atol=1e-7), name
+
+
+def test_separate_ewc_penalty_has_the_value_and_gradients_of_its_per_experience_terms():
+    """Separate EWC penalises with one merged quadratic: the same value and gradients as the sum
+    of its per-experience terms, also for a head that grew between them, and after a term is
+    forgotten or the state is reloaded."""
+    from clrun.strategies import EWC
+    from clrun.strategies._quadratic import quadratic
+
+    state = _setup("class", "incremental")
+    ewc = EWC(mode="separate", ewc_lambda=3.0, fisher_samples=40)
+    components = Components({"ewc": ewc})
+    for exp in state.benchmark.train_stream:
+        _train(state, components, exp)
+    head = [t["fisher"]["head.units.linear.weight"].shape[0] for t in ewc.terms]
+    assert head == [2, 4, 6]  # the head grew between the terms
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def value_and_grads(penalty):
+        state.model.zero_grad()
+        value = penalty()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in state.model.parameters()]
+
+    def by_terms():
+        return 1.5 * sum(quadratic(state.model, t["fisher"], t["params"]) for t in ewc.terms)
+
+    def check(component):
+        merged, grads = value_and_grads(lambda: component.penalty(state, None, None, None))
+        expected, expected_grads = value_and_grads(by_terms)
+        assert float(expected) > 0 and torch.allclose(merged, expected, rtol=1e-5)
+        for g, e in zip(grads, expected_grads, strict=True):
+            assert torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+
+    check(ewc)
+    saved = round_trip(ewc)
+    ewc.forget(state, [1])
+    assert [t["experiences"] for t in ewc.terms] == [[0], [2]]
+    check(ewc)
+    ewc.load_state_dict(saved)
+    assert len(ewc.terms) == 3
+    check(ewc)

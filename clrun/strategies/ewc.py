@@ -9,7 +9,8 @@ code), over ``fisher_samples`` samples (null = all), with the model in eval mode
 parameters are snapshotted. ``penalty``: ``ewc_lambda``/2 · Σ F (θ − θ*)².
 
 ``mode=separate`` keeps one (F, θ*) pair per experience (memory grows with the stream, by
-definition); ``mode=online`` keeps one: F ← ``decay_factor``·F + F_new, θ* ← θ. Parameters that
+definition) and penalises with their merged form (``merge``): one quadratic with the same value and
+gradients, so a training step costs the same after 2 experiences as after 20; ``mode=online`` keeps one: F ← ``decay_factor``·F + F_new, θ* ← θ. Parameters that
 grew since a snapshot (incremental heads) are penalised on their old part only; new heads not at
 all. Works in every scenario. State: the Fisher matrices and snapshots.
 """
@@ -62,12 +63,15 @@ class EWC:
         self.generator = torch.Generator().manual_seed(seed)
         self.terms: list[dict] = []  # [{"fisher": {...}, "params": {...}, "experiences": [...]}]
         self.reanchor = False  # set by forget: the next pre_update re-anchors every term
+        self._merged: tuple | None = None  # merge(self.terms), rebuilt whenever the terms change
 
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor | None:
         if not self.terms or self.ewc_lambda == 0:
             return None
-        total = sum(quadratic(state.model, t["fisher"], t["params"]) for t in self.terms)
-        return 0.5 * self.ewc_lambda * total
+        if self._merged is None:
+            self._merged = merge(self.terms)
+        weights, anchor, const = self._merged
+        return 0.5 * self.ewc_lambda * (quadratic(state.model, weights, anchor) + const)
 
     def post_update(self, state: RunState, exp: Experience) -> None:
         fisher = self._fisher(state, exp)
@@ -82,12 +86,13 @@ class EWC:
             experiences = sorted(set(self.terms[0]["experiences"]) | set(experiences))
             self.terms = []
         self.terms.append({"fisher": fisher, "params": params, "experiences": experiences})
+        self._merged = None
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:  # after unlearning: protect the unlearned parameters
             for term in self.terms:
                 term["params"] = anchor_of(state.model)
-            self.reanchor = False
+            self.reanchor, self._merged = False, None
 
     def forget(self, state: RunState, experiences: list[int]) -> None:
         """Separate mode drops the forgotten experiences' Fisher terms; online mode's single
@@ -96,7 +101,7 @@ class EWC:
         parameters at the next experience."""
         if self.mode == "separate":
             self.terms = [t for t in self.terms if not set(t["experiences"]) <= set(experiences)]
-        self.reanchor = True
+        self.reanchor, self._merged = True, None
 
     def _fisher(self, state: RunState, exp: Experience) -> dict[str, Tensor]:
         n = len(exp) if self.fisher_samples is None else min(len(exp), int(self.fisher_samples))
@@ -128,6 +133,29 @@ class EWC:
                 "reanchor": self.reanchor}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        self.terms = state["terms"]
+        self.terms, self._merged = state["terms"], None
         self.reanchor = bool(state.get("reanchor", False))
         self.generator.set_state(state["generator"])
+
+
+def merge(terms: list[dict]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | float]:
+    """Σ_k F_k (θ − θ_k)² = A (θ − m)² + c, with A = Σ_k F_k, m = Σ_k F_k θ_k / A (0 where A = 0)
+    and c = Σ_k F_k (θ_k − m)² ≥ 0: the per-experience terms as one quadratic, with their value
+    and gradients, returned as (weights A, anchor m, constant c). A term taken before a parameter
+    grew adds to its old part only."""
+    if len(terms) == 1:
+        return terms[0]["fisher"], terms[0]["params"], 0.0
+    weights, anchor, const = {}, {}, 0.0
+    for name in dict.fromkeys(n for t in terms for n in t["fisher"]):
+        parts = [(t["fisher"][name], t["params"][name]) for t in terms if name in t["fisher"]]
+        shape = torch.Size(max(sizes) for sizes in zip(*(f.shape for f, _ in parts), strict=True))
+        a = parts[0][0].new_zeros(shape)
+        weighted = a.clone()
+        for f, p in parts:
+            a[old_part(f.shape)] += f
+            weighted[old_part(f.shape)] += f * p
+        m = torch.where(a > 0, weighted / a.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
+        for f, p in parts:
+            const = const + (f * (p - m[old_part(f.shape)]).pow(2)).sum(dtype=torch.float32)
+        weights[name], anchor[name] = a, m
+    return weights, anchor, const
