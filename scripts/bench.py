@@ -22,7 +22,8 @@ every experience, plots) and ``python scripts/bench.py --bare ...`` (the referen
 reports the median whole-process wall time and training time of each and their ratio clrun/bare,
 clrun's samples/s, the peak RSS of both, their final average accuracy and the largest
 difference between their accuracies on any test experience at any point, the untrained model
-included (``max ΔR``: 0 when both did exactly the same arithmetic, as on every workload here).
+included (``max ΔR``: 0 when both did the same arithmetic, as on every workload here; with EWC
+clrun rounds differently, see below, and still gave 0).
 
 What "the same work" means. The bare loop is what a researcher would write by hand to get the
 numbers clrun reports, with nothing else: the same data tensors (uint8, normalised per batch on
@@ -32,7 +33,10 @@ the device), the same model and initialisation (seed 0), the same minibatch orde
 evaluation: accuracy and loss on every test experience after every experience, and once before
 training, because clrun reports forward transfer (FWT), whose definition needs the accuracy of
 the untrained model. EWC's Fisher is computed in the same closed form as clrun's for an MLP
-(per-sample gradients of a linear layer are outer products), over the same seeded sample order.
+(per-sample gradients of a linear layer are outer products), over the same seeded sample order;
+its penalty is written as a researcher writes it, one term per experience, while clrun's separate
+EWC penalises with the merged form (one quadratic with the same value and gradients, up to
+rounding), so clrun's EWC training is faster than the bare loop's from the third experience on.
 What the bare loop does not do is clrun's bookkeeping: Hydra's config
 composition and run directory, config validation, metrics files after every evaluation, a
 checksummed checkpoint after every experience, the summary and the two plots. That is the
