@@ -9,10 +9,11 @@ code), over ``fisher_samples`` samples (null = all), with the model in eval mode
 parameters are snapshotted. ``penalty``: ``ewc_lambda``/2 · Σ F (θ − θ*)².
 
 ``mode=separate`` keeps one (F, θ*) pair per experience (memory grows with the stream, by
-definition) and penalises with their merged form (``merge``): one quadratic with the same value and
-gradients, so a training step costs the same after 2 experiences as after 20; ``mode=online`` keeps one: F ← ``decay_factor``·F + F_new, θ* ← θ. Parameters that
-grew since a snapshot (incremental heads) are penalised on their old part only; new heads not at
-all. Works in every scenario. State: the Fisher matrices and snapshots.
+definition) and penalises with their merged form (``merge``): one quadratic with the same value
+and gradients, so a training step costs the same after 2 experiences as after 20. ``mode=online``
+keeps one pair: F ← ``decay_factor``·F + F_new, θ* ← θ. Parameters that grew since a snapshot
+(incremental heads) are penalised on their old part only; new heads not at all. Works in every
+scenario. State: the Fisher matrices and snapshots (the merged form is rebuilt from them).
 """
 
 from __future__ import annotations
