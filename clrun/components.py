@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clrun.benchmarks import Benchmark
+from clrun.benchmarks import Benchmark, Experience
+from clrun.models import adapt_model
 
 HOOKS = (
     "train_data",
@@ -121,14 +122,64 @@ class Components:
                 c.load_state_dict(state[name])
 
 
+def adapt(
+    model: nn.Module,
+    exp: Experience,
+    optimizer: torch.optim.Optimizer,
+    make_optimizer,
+    reset: bool = False,
+) -> torch.optim.Optimizer:
+    """Grow the model's head for the experience's classes (:func:`clrun.models.adapt_model`);
+    returns the optimiser to train with: a new one over the grown model (or a fresh one with
+    ``reset``), else ``optimizer`` itself."""
+    before = dict(model.named_parameters())
+    if adapt_model(model, exp) or reset:
+        return rebuild_optimizer(make_optimizer, model, optimizer, not reset, before)
+    return optimizer
+
+
 def rebuild_optimizer(
-    make_optimizer, model: nn.Module, old: torch.optim.Optimizer, keep_state: bool
+    make_optimizer,
+    model: nn.Module,
+    old: torch.optim.Optimizer,
+    keep_state: bool,
+    before: dict[str, nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
     """A new optimiser over the model's current parameters; parameters that survived keep
-    their optimiser state (momentum, Adam moments) unless ``keep_state`` is false."""
+    their optimiser state (momentum, Adam moments) unless ``keep_state`` is false.
+
+    ``before``: the model's named parameters before it grew. A parameter that a grown copy
+    replaced (an incremental head's weight and bias) keeps its state too, zero-padded for the new
+    units: exactly the state of a head allocated in full from the start whose unseen units were
+    masked (zero gradients, so zero moments; one step count). State that is not the parameter's
+    shape (a factored second moment) cannot be padded; that parameter starts afresh."""
     new = make_optimizer(model.parameters())
-    if keep_state:
-        for p in model.parameters():
-            if p in old.state:
-                new.state[p] = old.state[p]
+    if not keep_state:
+        return new
+    before = before or {}
+    for name, p in model.named_parameters():
+        was = before.get(name, p)
+        saved = old.state.get(was)
+        if saved is None:
+            continue
+        if was is p:
+            new.state[p] = saved
+        elif (grown := _grown_state(saved, was.shape, p)) is not None:
+            new.state[p] = grown
     return new
+
+
+def _grown_state(saved: dict, shape: torch.Size, p: torch.Tensor) -> dict | None:
+    part = tuple(slice(0, s) for s in shape)
+    if len(shape) != p.dim() or any(s > n for s, n in zip(shape, p.shape, strict=True)):
+        return None  # not a grown copy of the old parameter
+    state = {}
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape != shape:
+                return None
+            padded = value.new_zeros(p.shape)
+            padded[part] = value
+            value = padded
+        state[key] = value
+    return state

@@ -21,12 +21,11 @@ from tqdm import tqdm
 
 from clrun import checkpoint, plots, unlearning
 from clrun.benchmarks import Experience
-from clrun.components import Components, RunState, rebuild_optimizer
+from clrun.components import Components, RunState, adapt
 from clrun.config import ConfigError, build, resolve_device, set_deterministic, validate
 from clrun.io import flatten, write_json
 from clrun.loggers import NoLogger
 from clrun.metrics import Recorder, Work, run_summary
-from clrun.models import adapt_model
 from clrun.preemption import RunInterrupted, StopSignal
 
 log = logging.getLogger("clrun")
@@ -121,8 +120,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
                 for hook in components["pre_update"]:
                     hook(state, exp)
                 reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
-                if adapt_model(model, data) or reset:
-                    state.optimizer = rebuild_optimizer(make_optimizer, model, state.optimizer, not reset)  # fmt: skip
+                state.optimizer = adapt(model, data, state.optimizer, make_optimizer, reset)
                 state.reset_optimizer = False
             t0 = time.perf_counter()
             steps, samples, losses = train_experience(state, data, components, gen, s, on_step, position)  # fmt: skip
@@ -135,8 +133,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
             state.experience = exp.index
             if benchmark.origin(exp.index) not in plan.exclude:
                 learn(exp, position)
-            elif adapt_model(model, exp):  # a reference run: the units exist, never trained
-                state.optimizer = rebuild_optimizer(make_optimizer, model, state.optimizer, True)
+            else:  # a reference run: the units exist, never trained
+                state.optimizer = adapt(model, exp, state.optimizer, make_optimizer)
             position = None
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
                 i, t1 = benchmark.origin(exp.index), time.perf_counter()

@@ -1,3 +1,4 @@
+import copy
 import re
 import sys
 
@@ -5,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import has_torchvision, make_cfg
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from clrun import models
 from clrun.benchmarks import Experience
+from clrun.components import adapt
 from clrun.config import ConfigError, build
 from clrun.models import MASKED, IncrementalClassifier, MultiHeadClassifier, adapt_model, cnn, mlp
 
@@ -25,6 +28,53 @@ def train_step(model, e: Experience, lr: float = 0.5):
     opt.zero_grad()
     loss.backward()
     opt.step()
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    ],
+    ids=["adam", "sgd_momentum"],
+)
+def test_a_grown_head_trains_exactly_as_a_full_head_whose_unseen_units_are_masked(make_optimizer):
+    # The optimiser state of a grown head carries over, zero-padded: old units keep their moments,
+    # new ones start where a head allocated in full would have them (masked: zero gradients).
+    torch.manual_seed(0)
+    e0, e1 = exp([0, 1], n=16), exp([2, 3], n=16, index=1)
+    model = mlp((1, 6, 6), 10, head="incremental", hidden_sizes=[16])
+    opt = adapt(model, e0, make_optimizer(model.parameters()), make_optimizer)
+    start = copy.deepcopy(model)
+
+    def steps(net, optimizer, e, masked=()):
+        for _ in range(4):
+            out = net(e.x.float() / 255, e.t).clone()
+            out[:, list(masked)] = MASKED  # constant logits: zero gradients for those units
+            optimizer.zero_grad()
+            F.cross_entropy(out, e.y).backward()
+            optimizer.step()
+
+    steps(model, opt, e0)
+    opt = adapt(model, e1, opt, make_optimizer)
+    units = model.head.units.linear
+    grown = units.weight[2:].detach().clone(), units.bias[2:].detach().clone()
+    steps(model, opt, e1)
+
+    full = start  # the same network with all four units from the start, units 2 and 3 masked
+    old = full.head.units.linear
+    full.head.units.linear = nn.Linear(16, 4)
+    with torch.no_grad():
+        full.head.units.linear.weight.copy_(torch.cat([old.weight, grown[0]]))
+        full.head.units.linear.bias.copy_(torch.cat([old.bias, grown[1]]))
+    full.head.units.classes = torch.arange(4)
+    full_opt = make_optimizer(full.parameters())
+    steps(full, full_opt, e0, masked=(2, 3))
+    steps(full, full_opt, e1)
+    for (name, p), q in zip(model.named_parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    # a reset gives a fresh optimiser, no state carried
+    assert not adapt(model, exp([4], index=2), opt, make_optimizer, reset=True).state
 
 
 def test_incremental_head_grows_keeps_old_weights_and_trains_new_ones():
