@@ -223,14 +223,31 @@ class ReservoirBuffer(Buffer):
 
 class ClassBalancedBuffer(Buffer):
     """Equal share of the capacity per group (``groupby``: class, task or experience); the
-    first ``max_size % n_groups`` groups in order of arrival get one slot more. Within a group the
-    kept samples are chosen by ``selection`` among the group's stored samples and the new ones:
-    ``random``, ``herding`` or ``closest_to_center`` (the last two need ``features``)."""
+    first ``max_size % n_groups`` groups in order of arrival get one slot more. ``max_per_group``
+    caps every share: with ``max_size`` = groups × ``max_per_group`` each group keeps exactly
+    ``max_per_group`` samples however few groups have arrived (a budget per class, as van de
+    Ven et al.'s ``--budget``), instead of the early groups sharing the whole capacity. Within a
+    group the kept samples are chosen by ``selection`` among the group's stored samples and the
+    new ones: ``random``, ``herding`` or ``closest_to_center`` (the last two need ``features``)."""
 
     def __init__(
-        self, max_size: int, groupby: str = "class", selection: str = "random", seed: int = 0
+        self,
+        max_size: int,
+        groupby: str = "class",
+        selection: str = "random",
+        seed: int = 0,
+        max_per_group: int | None = None,
     ):
         super().__init__(max_size, seed)
+        if max_per_group is not None and (
+            isinstance(max_per_group, bool)
+            or not isinstance(max_per_group, int)
+            or max_per_group < 1
+        ):
+            raise ValueError(
+                f"buffer.max_per_group={max_per_group!r} must be null or an integer ≥ 1"
+            )
+        self.max_per_group = max_per_group
         if groupby not in GROUPBY:
             raise ValueError(f"buffer.groupby={groupby!r} is not one of {', '.join(GROUPBY)}")
         if selection not in SELECTIONS:
@@ -247,7 +264,8 @@ class ClassBalancedBuffer(Buffer):
     def quotas(self) -> dict[int, int]:
         n = len(self.groups)
         base, extra = divmod(self.max_size, n) if n else (0, 0)
-        return {g: base + (k < extra) for k, g in enumerate(self.groups)}
+        cap = self.max_per_group or self.max_size
+        return {g: min(base + (k < extra), cap) for k, g in enumerate(self.groups)}
 
     def update(self, new: Experience, features: FeatureFn | None = None, **extra: Tensor) -> None:
         if len(new) == 0:

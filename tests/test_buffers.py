@@ -59,6 +59,19 @@ def test_class_balanced_shares_capacity_equally():
     assert counts == [20, 20, 20, 20, 20]
 
 
+def test_class_balanced_max_per_group_is_a_fixed_budget_per_class():
+    buf = ClassBalancedBuffer(max_size=100, groupby="class", seed=0, max_per_group=20)
+    buf.update(stream(400, n_classes=2))  # two classes: 20 each, not 50
+    assert torch.bincount(buf.data["y"]).tolist() == [20, 20]
+    buf.update(stream(600, n_classes=5, start=1000))
+    assert torch.bincount(buf.data["y"], minlength=5).tolist() == [20] * 5
+    buf.update(stream(1000, n_classes=10, start=2000))  # the total capacity still bounds it
+    assert torch.bincount(buf.data["y"], minlength=10).tolist() == [10] * 10
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="buffer.max_per_group"):
+            ClassBalancedBuffer(10, max_per_group=bad)
+
+
 def test_class_balanced_uneven_capacity_and_resize():
     buf = ClassBalancedBuffer(max_size=10, groupby="class", seed=0)
     buf.update(stream(90, n_classes=3))

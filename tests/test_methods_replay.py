@@ -229,6 +229,29 @@ def test_replay_draws_group_balanced_minibatches():
     assert torch.bincount(batch.y[4:], minlength=10)[exp.classes].tolist() == [6, 6]
 
 
+def test_replay_context_weighting_weighs_new_and_replayed_losses_by_the_context():
+    state = make_state()
+    exp0, exp1, exp2 = state.benchmark.train_stream[:3]
+    assert not hasattr(Replay(ReservoirBuffer(50)), "loss")  # batch weighting: the runner's CE
+    replay = Replay(ReservoirBuffer(50), batch_size=6, weighting="context")
+    new = exp0.subset(torch.arange(4))
+    batch = replay.replay(state, new)  # empty buffer: nothing replayed
+    out = torch.randn(len(batch), state.benchmark.n_classes)
+    assert torch.equal(replay.loss(state, batch, None, out), F.cross_entropy(out, batch.y))
+    replay.post_update(state, exp0)
+    replay.post_update(state, exp1)
+    for experience, c in ((exp1, 2), (exp2, 3)):
+        state.experience = experience.index
+        batch = replay.replay(state, experience.subset(torch.arange(4)))
+        assert len(batch) == 10
+        out = torch.randn(len(batch), state.benchmark.n_classes)
+        want = F.cross_entropy(out[:4], batch.y[:4]) / c
+        want = want + (1 - 1 / c) * F.cross_entropy(out[4:], batch.y[4:])
+        torch.testing.assert_close(replay.loss(state, batch, None, out), want)
+    with pytest.raises(ValueError, match="weighting='per_sample' is not one of batch, context"):
+        Replay(ReservoirBuffer(5), weighting="per_sample")
+
+
 def test_icarl_nearest_mean_of_exemplars_is_the_nearest_class_mean():
     means = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]]), dim=1)
     has_mean = torch.tensor([True, True, True, False])

@@ -7,6 +7,19 @@ samples are offered to the buffer, whose policy (``buffer=reservoir`` / ``class_
 ``buffer.selection`` random | herding | closest_to_center) decides what stays; the ranked
 selections get the model's L2-normalised backbone features (:func:`backbone_features`). Works in
 every scenario. The buffer's own state is checkpointed by the runner.
+
+How the new and the replayed samples are weighted (``weighting``), with c = 1, 2, ... the
+experience being trained:
+
+- ``batch`` (default): one cross-entropy over the joined minibatch, every sample alike (with as
+  many replayed samples as new ones, ½ each).
+- ``context``: loss = (1/c) · cross-entropy of the new samples + (1 − 1/c) · cross-entropy of the
+  replayed ones, each a mean over its own samples: van de Ven, Tuytelaars & Tolias 2022's
+  weighting ("the loss on the current data weighted by the relative importance 1/c of the new
+  context"). Replay then provides the runner's ``loss`` hook, so do not list it with another
+  component that provides one (ER-ACE, iCaRL, X-DER, LwF with ``weighting=context``).
+
+c counts original experiences (``benchmark.origin``), as LwF's.
 """
 
 from __future__ import annotations
@@ -59,8 +72,17 @@ def buffer_features(buffer: Buffer, state: RunState) -> FeatureFn | None:
     return backbone_features(state) if getattr(buffer, "needs_features", False) else None
 
 
+WEIGHTINGS = ("batch", "context")
+
+
 class Replay:
-    def __init__(self, buffer: Buffer | None, batch_size: int | None = None, balance: str = "none"):
+    def __init__(
+        self,
+        buffer: Buffer | None,
+        batch_size: int | None = None,
+        balance: str = "none",
+        weighting: str = "batch",
+    ):
         if buffer is None:
             raise ValueError(
                 "this strategy replays samples and needs a buffer: "
@@ -70,8 +92,17 @@ class Replay:
             raise ValueError(f"batch_size={batch_size!r} must be null or an integer ≥ 1")
         self.buffer, self.batch_size = buffer, batch_size
         self.balance = check_balance(balance, "balance")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"replay weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}"
+            )
+        self.weighting = weighting
+        if weighting == "context":  # only then does replay provide the classification loss
+            self.loss = self._context_loss
+        self._n_new = 0  # new samples at the head of the current minibatch
 
     def replay(self, state: RunState, batch: Experience) -> Experience:
+        self._n_new = len(batch)
         if len(self.buffer) == 0:
             return batch
         n = self.batch_size or len(batch)
@@ -79,6 +110,14 @@ class Replay:
         balanced = self.balance != "none"
         memory = self.buffer.sample(n, self.balance) if balanced else self.buffer.sample(n)
         return concat([batch, memory], batch.index)
+
+    def _context_loss(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor:
+        n = self._n_new or len(batch)
+        loss = F.cross_entropy(out[:n], batch.y[:n])
+        if len(batch) == n:  # nothing replayed (the first experience): the new samples alone
+            return loss
+        c = state.benchmark.origin(state.experience) + 1
+        return loss / c + (1 - 1 / c) * F.cross_entropy(out[n:], batch.y[n:])
 
     def post_update(self, state: RunState, exp: Experience) -> None:
         features = buffer_features(self.buffer, state)
