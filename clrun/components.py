@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from clrun.benchmarks import Benchmark, Experience
-from clrun.models import adapt_model
+from clrun.models import adapt_model, old_part
 
 HOOKS = (
     "train_data",
@@ -170,7 +170,7 @@ def rebuild_optimizer(
 
 
 def _grown_state(saved: dict, shape: torch.Size, p: torch.Tensor) -> dict | None:
-    part = tuple(slice(0, s) for s in shape)
+    part = old_part(shape)
     if len(shape) != p.dim() or any(s > n for s, n in zip(shape, p.shape, strict=True)):
         return None  # not a grown copy of the old parameter
     state = {}

@@ -48,6 +48,11 @@ MASKED = -1e4  # logit of a unit a head does not have; finite so KL/CE stay fini
 HEADS = ("single", "incremental", "multi")
 
 
+def old_part(shape: torch.Size) -> tuple[slice, ...]:
+    """Index of the part of a (possibly grown) parameter that had ``shape``."""
+    return tuple(slice(0, s) for s in shape)
+
+
 class _Units(nn.Module):
     """A linear layer whose output units stand for given global classes (grows on demand)."""
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def old_part(shape: torch.Size) -> tuple[slice, ...]:
-    """Index of the part of a (possibly grown) parameter that had ``shape``."""
-    return tuple(slice(0, s) for s in shape)
+from clrun.models import old_part
 
 
 def anchor_of(model: nn.Module) -> dict[str, Tensor]:
