@@ -228,7 +228,9 @@ def mlp(
     ``init``: ``default`` keeps PyTorch's initialisation of ``nn.Linear``; ``truncated_normal``
     draws every weight from a normal of std ``init_std`` truncated at ±2 std and sets every bias
     to ``init_bias``, the TensorFlow-era initialisation of the A-GEM and RWalk authors' code
-    (``tf.truncated_normal_initializer(stddev=0.1)``, biases 0.1). It applies to the layers the
+    (``tf.truncated_normal_initializer(stddev=0.1)``, biases 0.1); ``xavier_uniform`` draws every
+    weight from U(−a, a), a = √(6 / (fan_in + fan_out)), and sets every bias to 0, the
+    initialisation of the DER authors' code (Mammoth's MLP). Either applies to the layers the
     model is built with; units an incremental or multi head grows later keep PyTorch's."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
@@ -249,17 +251,21 @@ def mlp(
             layers.append(nn.Dropout(dropout))
         width = int(h)
     model = CLModel(nn.Sequential(*layers), make_head(head, width, n_classes))
-    if init == "truncated_normal":
+    if init != "default":
         with torch.no_grad():
             for m in model.modules():
-                if isinstance(m, nn.Linear) and m.weight.numel():
+                if not (isinstance(m, nn.Linear) and m.weight.numel()):
+                    continue
+                if init == "truncated_normal":
                     nn.init.trunc_normal_(m.weight, 0.0, init_std, -2 * init_std, 2 * init_std)
-                    if m.bias is not None:
-                        m.bias.fill_(init_bias)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.fill_(init_bias if init == "truncated_normal" else 0.0)
     return model
 
 
-MLP_INITS = ("default", "truncated_normal")
+MLP_INITS = ("default", "truncated_normal", "xavier_uniform")
 
 
 def cnn(

@@ -114,6 +114,38 @@ def test_vandeven2018_permuted_presets_share_the_protocol():
     assert make_cfg("experiment=vandeven2018_pmnist_class_si").strategy.si_lambda == 0.1
 
 
+def test_buzzega2020_presets_share_the_seq_mnist_protocol():
+    """The DER authors' Seq-MNIST: 5 tasks of 2 digits in order, [0, 1] pixels, MLP 100-100 with
+    one 10-unit head and Xavier init, plain SGD in minibatches of 10, one epoch, buffer 500;
+    their ER stores every minibatch after its step."""
+    presets = [p for p in PRESETS if p.startswith("buzzega2020_smnist_")]
+    methods = ("er", "der", "derpp", "gem", "agem", "icarl")
+    want = {"sgd"} | {f"{m}_{size}" for m in methods for size in (200, 500)}
+    assert {p.removeprefix("buzzega2020_smnist_") for p in presets} == want
+    for preset in presets:
+        cfg = make_cfg(f"experiment={preset}")
+        assert cfg.benchmark._target_ == "clrun.benchmarks.split_mnist"
+        assert (cfg.benchmark.scenario, cfg.benchmark.n_experiences) == ("class", 5)
+        assert list(cfg.benchmark.class_order) == list(range(10)) and not cfg.benchmark.normalize
+        assert list(cfg.model.hidden_sizes) == [100, 100] and cfg.model.head == "single"
+        assert cfg.model.init == "xavier_uniform"
+        assert cfg.optimizer._target_ == "torch.optim.SGD"
+        assert (cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.0, 0.0)
+        strategy = cfg.strategy
+        assert (strategy.epochs, strategy.iterations, strategy.batch_size) == (1, None, 10)
+        size = 500 if preset.endswith("sgd") else int(preset[-3:])
+        memory = {"gem": "patterns_per_experience", "agem": "patterns_per_experience",
+                  "icarl": "memory_size"}.get(preset.split("_")[2])  # fmt: skip
+        if memory is None:  # the run's reservoir buffer
+            assert cfg.buffer.max_size == size
+        else:  # their own memory: buffer_size // 5 per task, or K in all
+            assert cfg.strategy[memory] == (size if memory == "memory_size" else size // 5)
+        if preset.split("_")[2] == "er":
+            assert (cfg.strategy.buffer_update, cfg.strategy.replay_batch_size) == ("step", 10)
+    der = make_cfg("experiment=buzzega2020_smnist_der_500").strategy
+    assert (der.alpha, der.minibatch_size) == (1.0, 128)
+
+
 def test_an_override_after_the_preset_wins():
     cfg = make_cfg("experiment=vandeven2018_splitmnist_class_si", "strategy.si_lambda=1")
     assert cfg.strategy.si_lambda == 1 and cfg.strategy.components.si.si_lambda == 1

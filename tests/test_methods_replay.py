@@ -252,6 +252,33 @@ def test_replay_context_weighting_weighs_new_and_replayed_losses_by_the_context(
         Replay(ReservoirBuffer(5), weighting="per_sample")
 
 
+def test_replay_step_update_stores_each_new_minibatch_after_its_step():
+    """buffer_update=step: after_step offers the incoming samples (not the replayed ones) at
+    once, so the experience replays itself from its second step; post_update adds nothing."""
+    state = make_state()
+    exp = state.benchmark.train_stream[0]
+    replay = Replay(ReservoirBuffer(100), batch_size=3, buffer_update="step")
+    first = replay.replay(state, exp.subset(torch.arange(4)))
+    assert len(first) == 4  # nothing stored yet
+    replay.after_step(state, first, None, None)
+    assert len(replay.buffer) == 4
+    second = replay.replay(state, exp.subset(torch.arange(4, 8)))
+    assert len(second) == 7  # 4 new + 3 of the first minibatch, already replayed
+    replay.after_step(state, second, None, None)
+    assert len(replay.buffer) == 8  # the 3 replayed samples were not stored again
+    stored = replay.buffer.samples()
+    assert torch.equal(stored.x, exp.x[:8])
+    replay.post_update(state, exp)
+    assert len(replay.buffer) == 8
+    per_experience = Replay(ReservoirBuffer(100))
+    per_experience.after_step(state, first, None, None)
+    assert len(per_experience.buffer) == 0
+    per_experience.post_update(state, exp)
+    assert len(per_experience.buffer) == min(100, len(exp))
+    with pytest.raises(ValueError, match="buffer_update='epoch' is not one of experience, step"):
+        Replay(ReservoirBuffer(5), buffer_update="epoch")
+
+
 def test_icarl_nearest_mean_of_exemplars_is_the_nearest_class_mean():
     means = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]]), dim=1)
     has_mean = torch.tensor([True, True, True, False])

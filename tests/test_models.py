@@ -1,4 +1,5 @@
 import copy
+import math
 import re
 import sys
 
@@ -301,3 +302,17 @@ def test_mlp_truncated_normal_init_as_the_agem_authors():
                             ({"init_bias": float("nan")}, "model.init_bias=nan")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             mlp((1, 6, 6), 10, **kwargs)
+
+
+def test_mlp_xavier_uniform_init_as_the_der_authors():
+    """init=xavier_uniform: weights within ±√(6 / (fan_in + fan_out)) and spread over it
+    (uniform: std = bound/√3), every bias 0."""
+    torch.manual_seed(0)
+    model = mlp((1, 28, 28), 10, hidden_sizes=[100, 100], init="xavier_uniform")
+    linears = [m.requires_grad_(False) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(100, 784), (100, 100), (10, 100)]
+    for m in linears:
+        bound = math.sqrt(6 / sum(m.weight.shape))
+        assert float(m.weight.abs().max()) <= bound
+        assert abs(float(m.weight.std()) - bound / math.sqrt(3)) < 0.1 * bound
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))

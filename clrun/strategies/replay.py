@@ -2,11 +2,18 @@
 
 ``replay``: each training minibatch is concatenated with ``batch_size`` samples drawn from the
 buffer (default: as many as the minibatch has): uniformly, or with ``balance`` = class | task |
-experience an equal share per group, small groups oversampled. ``post_update``: the experience's
-samples are offered to the buffer, whose policy (``buffer=reservoir`` / ``class_balanced``, with
-``buffer.selection`` random | herding | closest_to_center) decides what stays; the ranked
-selections get the model's L2-normalised backbone features (:func:`backbone_features`). Works in
-every scenario. The buffer's own state is checkpointed by the runner.
+experience an equal share per group, small groups oversampled. Samples are offered to the buffer,
+whose policy (``buffer=reservoir`` / ``class_balanced``, with ``buffer.selection`` random | herding
+| closest_to_center) decides what stays; the ranked selections get the model's L2-normalised
+backbone features (:func:`backbone_features`). When (``buffer_update``):
+
+- ``experience`` (default): ``post_update`` offers the whole experience once it is trained, so an
+  experience replays only earlier ones;
+- ``step``: ``after_step`` offers each incoming minibatch (raw, not the replayed samples) right
+  after the optimiser step, the episodic memory of Chaudhry et al. 2019 and the ER of the DER
+  authors' code: the current experience is replayed too, from its second step on.
+
+Works in every scenario. The buffer's own state is checkpointed by the runner.
 
 How the new and the replayed samples are weighted (``weighting``), with c = 1, 2, ... the
 experience being trained:
@@ -73,6 +80,7 @@ def buffer_features(buffer: Buffer, state: RunState) -> FeatureFn | None:
 
 
 WEIGHTINGS = ("batch", "context")
+UPDATES = ("experience", "step")
 
 
 class Replay:
@@ -82,6 +90,7 @@ class Replay:
         batch_size: int | None = None,
         balance: str = "none",
         weighting: str = "batch",
+        buffer_update: str = "experience",
     ):
         if buffer is None:
             raise ValueError(
@@ -99,6 +108,11 @@ class Replay:
         self.weighting = weighting
         if weighting == "context":  # only then does replay provide the classification loss
             self.loss = self._context_loss
+        if buffer_update not in UPDATES:
+            raise ValueError(
+                f"replay buffer_update={buffer_update!r} is not one of {', '.join(UPDATES)}"
+            )
+        self.buffer_update = buffer_update
         self._n_new = 0  # new samples at the head of the current minibatch
 
     def replay(self, state: RunState, batch: Experience) -> Experience:
@@ -119,9 +133,17 @@ class Replay:
         c = state.benchmark.origin(state.experience) + 1
         return loss / c + (1 - 1 / c) * F.cross_entropy(out[n:], batch.y[n:])
 
+    def after_step(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> None:
+        if self.buffer_update == "step":
+            self._offer(state, piece(batch, 0, self._n_new or len(batch)))
+
     def post_update(self, state: RunState, exp: Experience) -> None:
+        if self.buffer_update == "experience":
+            self._offer(state, exp)
+
+    def _offer(self, state: RunState, samples: Experience) -> None:
         features = buffer_features(self.buffer, state)
         if features is None:
-            self.buffer.update(exp)
+            self.buffer.update(samples)
         else:
-            self.buffer.update(exp, features=features)
+            self.buffer.update(samples, features=features)
