@@ -80,6 +80,7 @@ class RunState:
     device: torch.device
     batch_size: int
     optimizer: torch.optim.Optimizer | None = None
+    lr_schedule: object | None = None  # sets the optimiser's rate at each epoch (clrun.schedules)
     experience: int = 0  # index of the experience being trained on
     step: int = 0  # optimiser steps taken so far in the whole run
     reset_optimizer: bool = False  # set in pre_update to get a fresh optimiser (then cleared)

@@ -109,7 +109,7 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not check(value):
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
-    for group in ("benchmark", "model", "optimizer", "buffer"):
+    for group in ("benchmark", "model", "optimizer", "buffer", "lr_schedule"):
         if cfg.get(group) is not None:
             check_signature(cfg[group], group)
     for name, node in (cfg.strategy.get("components") or {}).items():

@@ -67,7 +67,8 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         state = RunState(model, benchmark, device, batch_size=s.batch_size,
                          precision=cfg.get("precision", "fp32"),
                          channels_last=bool(cfg.get("channels_last")),
-                         buffer=buffer if uses_buffer else None)  # fmt: skip
+                         buffer=buffer if uses_buffer else None,
+                         lr_schedule=build(cfg.lr_schedule, "lr_schedule") if cfg.get("lr_schedule") else None)  # fmt: skip
         state.optimizer = make_optimizer(model.parameters())
         recorder = Recorder(run_dir, len(benchmark.test_stream))  # one column per test experience
         work = Work()  # steps, samples, seconds since the last evaluation
@@ -187,6 +188,8 @@ def train_experience(state: RunState, data: Experience, components: Components,
     bar = tqdm(total=total, initial=step, desc=f"experience {data.index}",
                disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
     while step < total:
+        if state.lr_schedule is not None:  # this epoch's learning rate
+            state.lr_schedule.apply(state.optimizer, step // math.ceil(n / bs))
         epoch_start = resume_at["gen_state"] if resume_at else gen.get_state()
         gen.set_state(epoch_start)
         order = torch.randperm(n, generator=gen).to(device, non_blocking=True)

@@ -15,7 +15,7 @@ from clrun.cli import config_dir
 
 CONF = config_dir()
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment")
+GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment", "lr_schedule")
 
 
 def options(group: str) -> list[str]:
