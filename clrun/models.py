@@ -222,8 +222,12 @@ def mlp(
     init: str = "default",
     init_std: float = 0.1,
     init_bias: float = 0.1,
+    batch_norm: bool = False,
 ) -> CLModel:
     """Fully connected ReLU network on flattened inputs (the Split/Permuted MNIST MLP).
+
+    ``batch_norm``: each hidden layer is a linear map without bias, batch normalisation and the
+    ReLU (GDumb's MLP; their code also normalises the output layer's logits, which we do not).
 
     ``init``: ``default`` keeps PyTorch's initialisation of ``nn.Linear``; ``truncated_normal``
     draws every weight from a normal of std ``init_std`` truncated at ±2 std and sets every bias
@@ -236,6 +240,8 @@ def mlp(
         raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
     if any(int(h) < 1 for h in hidden_sizes):
         raise ValueError(f"model.hidden_sizes={list(hidden_sizes)} must be positive integers")
+    if not isinstance(batch_norm, bool):
+        raise ValueError(f"model.batch_norm={batch_norm!r} must be true or false")
     if init not in MLP_INITS:
         raise ValueError(f"model.init={init!r} is not one of {', '.join(MLP_INITS)}")
     for key, v in (("init_std", init_std), ("init_bias", init_bias)):
@@ -246,7 +252,8 @@ def mlp(
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden_sizes:
-        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        layers.append(nn.Linear(width, int(h), bias=not batch_norm))
+        layers += [nn.BatchNorm1d(int(h)), nn.ReLU()] if batch_norm else [nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = int(h)

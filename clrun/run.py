@@ -185,8 +185,7 @@ def train_experience(state: RunState, data: Experience, components: Components,
     if resume_at:
         losses[:step] = resume_at["losses"]
     model.train()
-    bar = tqdm(total=total, initial=step, desc=f"experience {data.index}",
-               disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
+    bar = tqdm(total=total, initial=step, desc=f"experience {data.index}", disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
     while step < total:
         if state.lr_schedule is not None:  # this epoch's learning rate
             state.lr_schedule.apply(state.optimizer, step // math.ceil(n / bs))

@@ -146,6 +146,34 @@ def test_buzzega2020_presets_share_the_seq_mnist_protocol():
     assert (der.alpha, der.minibatch_size) == (1.0, 128)
 
 
+def test_prabhu2020_presets_run_gdumb_as_the_authors_code():
+    """GDumb's MNIST: a BN MLP trained from scratch on the memory, SGD with momentum and SGDR
+    after a warm-up pass, batch 16, 128 passes, clipping at 10; the width and k per preset."""
+    presets = [p for p in PRESETS if p.startswith("prabhu2020_mnist_")]
+    assert set(presets) == {f"prabhu2020_mnist_mlp{w}_k{k}"
+                            for w, k in ((100, 300), (100, 500), (400, 500), (400, 4400))}  # fmt: skip
+    for preset in presets:
+        cfg = make_cfg(f"experiment={preset}")
+        width, k = (int(v) for v in preset.removeprefix("prabhu2020_mnist_mlp").split("_k"))
+        assert list(cfg.model.hidden_sizes) == [width, width] and cfg.strategy.memory_size == k
+        assert cfg.model.batch_norm and cfg.benchmark.augment and cfg.benchmark.normalize
+        assert cfg.strategy.components.gdumb._target_ == "clrun.strategies.GDumb"
+        assert (cfg.strategy.epochs, cfg.strategy.batch_size, cfg.strategy.clip_grad_norm) == (
+            128,
+            16,
+            10.0,
+        )
+        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+            0.05,
+            0.9,
+            1e-6,
+        )
+        assert cfg.lr_schedule._target_ == "clrun.schedules.CosineRestarts"
+        schedule = cfg.lr_schedule
+        assert (schedule.min_lr, schedule.first_cycle, schedule.cycle_mult) == (0.0005, 1, 2)
+        assert (schedule.warmup_epochs, schedule.warmup_factor) == (1, 0.1)
+
+
 def test_an_override_after_the_preset_wins():
     cfg = make_cfg("experiment=vandeven2018_splitmnist_class_si", "strategy.si_lambda=1")
     assert cfg.strategy.si_lambda == 1 and cfg.strategy.components.si.si_lambda == 1

@@ -304,6 +304,18 @@ def test_mlp_truncated_normal_init_as_the_agem_authors():
             mlp((1, 6, 6), 10, **kwargs)
 
 
+def test_mlp_batch_norm_as_gdumbs():
+    """batch_norm=true: every hidden layer is Linear without bias → BatchNorm1d → ReLU; the head
+    keeps its bias; a non-boolean is rejected by name."""
+    model = mlp((1, 28, 28), 10, hidden_sizes=[100, 100], batch_norm=True)
+    kinds = [type(m).__name__ for m in model.backbone]
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU"]
+    assert all(m.bias is None for m in model.backbone if isinstance(m, torch.nn.Linear))
+    assert model(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)).shape == (4, 10)
+    with pytest.raises(ValueError, match="model.batch_norm='yes' must be true or false"):
+        mlp((1, 6, 6), 10, batch_norm="yes")
+
+
 def test_mlp_xavier_uniform_init_as_the_der_authors():
     """init=xavier_uniform: weights within ±√(6 / (fan_in + fan_out)) and spread over it
     (uniform: std = bound/√3), every bias 0."""
