@@ -15,7 +15,8 @@ from clrun.cli import config_dir
 
 CONF = config_dir()
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment", "lr_schedule")
+GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment",
+          "lr_schedule")  # fmt: skip
 
 
 def options(group: str) -> list[str]:
