@@ -35,9 +35,27 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("strategy", options("strategy"))
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, strategy):
-    overrides = (f"strategy={strategy}", *KILLER)
+    _kill_anywhere_then_resume(run_debug, tmp_path, f"strategy={strategy}")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("strategy=replay", "strategy.buffer_update=step"),  # the buffer changes every step
+        ("strategy=gdumb", "lr_schedule=cosine_restarts", "lr_schedule.warmup_epochs=1",
+         "model.batch_norm=true", "strategy.epochs=3"),  # the rate changes every epoch
+    ],
+    ids=["replay_step_update", "gdumb_sgdr_batch_norm"],
+)  # fmt: skip
+def test_sigkill_then_resume_with_a_step_buffer_or_an_lr_schedule(run_debug, tmp_path, overrides):
+    _kill_anywhere_then_resume(run_debug, tmp_path, *overrides)
+
+
+def _kill_anywhere_then_resume(run_debug, tmp_path: Path, *chosen: str) -> None:
+    """SIGKILL at a step drawn from the overrides, resume: the same run as never killed."""
+    overrides = (*chosen, *KILLER)
     reference, ref_dir = run_debug(*overrides)
-    step = random.Random(strategy).randrange(1, reference["steps"])
+    step = random.Random(" ".join(chosen)).randrange(1, reference["steps"])
     run_dir = tmp_path / "killed"
     p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
               kill_at=f"{step}:SIGKILL")  # fmt: skip
