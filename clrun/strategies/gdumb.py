@@ -19,8 +19,9 @@ The rest of the paper's learner is the run's configuration, not the method: its 
 warm-up epoch at lr 0.005), batch size 16, many passes over the memory (``strategy.epochs``; the
 paper uses 128-256) and its MLP (``model.batch_norm=true``); the presets
 ``conf/experiment/prabhu2020_mnist_*`` set all of it. Not included: the optional CutMix
-regularisation (used for its CIFAR/SVHN/ImageNet results, not for MNIST). The paper's class-incremental numbers use no masking, as here;
-its task-incremental masking is what a multi-head model does.
+regularisation (used for its CIFAR/SVHN/ImageNet results, not for MNIST). The paper's
+class-incremental numbers use no masking, as here; its task-incremental masking is what a
+multi-head model does.
 
 Works in every scenario (classes are the labels ``y``; in domain-incremental they repeat across
 experiences and the memory stays balanced over them). State: the memory, the initial weights.
