@@ -120,7 +120,7 @@ def test_buzzega2020_presets_share_the_seq_mnist_protocol():
     their ER stores every minibatch after its step."""
     presets = [p for p in PRESETS if p.startswith("buzzega2020_smnist_")]
     methods = ("er", "der", "derpp", "gem", "agem", "icarl")
-    want = {"sgd"} | {f"{m}_{size}" for m in methods for size in (200, 500)}
+    want = {"sgd"} | {f"{m}_{size}" for m in methods for size in (200, 500, 5120)}
     assert {p.removeprefix("buzzega2020_smnist_") for p in presets} == want
     for preset in presets:
         cfg = make_cfg(f"experiment={preset}")
@@ -133,7 +133,7 @@ def test_buzzega2020_presets_share_the_seq_mnist_protocol():
         assert (cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.0, 0.0)
         strategy = cfg.strategy
         assert (strategy.epochs, strategy.iterations, strategy.batch_size) == (1, None, 10)
-        size = 500 if preset.endswith("sgd") else int(preset[-3:])
+        size = 500 if preset.endswith("sgd") else int(preset.rsplit("_", 1)[1])
         memory = {"gem": "patterns_per_experience", "agem": "patterns_per_experience",
                   "icarl": "memory_size"}.get(preset.split("_")[2])  # fmt: skip
         if memory is None:  # the run's reservoir buffer
