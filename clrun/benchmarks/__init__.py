@@ -1,0 +1,3 @@
+"""Benchmarks (being split into modules; see the next commit)."""
+
+from clrun.benchmarks.core import *  # noqa: F403

@@ -1,0 +1,3 @@
+"""Models (being split into modules; see the next commit)."""
+
+from clrun.models.backbones import *  # noqa: F403
