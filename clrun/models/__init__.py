@@ -1,3 +1,74 @@
-"""Models (being split into modules; see the next commit)."""
+"""Models: a backbone that maps inputs to features, and a classifier head that may grow.
 
-from clrun.models.backbones import *  # noqa: F403
+Every model option of ``conf/model/`` is a builder here that returns a :class:`CLModel` whose
+``forward(x, t)`` gives logits over the benchmark's whole label space. YAML and code name
+everything through this package (``_target_: clrun.models.mlp``,
+``from clrun.models import MASKED``), never through the module that defines it.
+
+What lives where:
+
+- ``heads.py``: :class:`CLModel`, the heads (single, :class:`IncrementalClassifier`,
+  :class:`MultiHeadClassifier`, ``HEADS``, :func:`make_head`), growth (:func:`adapt_model`,
+  :func:`old_part`), and :func:`with_head` / :func:`as_multitask`, which put one of our heads on
+  any backbone+classifier module.
+- ``backbones.py``: the networks trained from scratch or taken from torchvision: ``mlp``,
+  ``cnn``, the CIFAR ResNets (``resnet18_reduced``, ``resnet18``, ``resnet32``),
+  ``mobilenet_v1`` and ``torchvision_model``, with their initialisations.
+
+Room for what comes next: pre-trained ViT backbones through timm join as ``timm.py`` (a builder
+with the same ``(input_shape, n_classes, head, ...)`` signature, reporting the input size and
+normalisation of its weights), and parameter-efficient modules (prompts, adapters, LoRA) that
+strategies attach to a model go in ``peft.py``. Both are re-exported here like the rest.
+"""
+
+from clrun.models.backbones import (
+    MLP_INITS,
+    MOBILENET_V1,
+    BasicBlock,
+    ResNet,
+    cnn,
+    mlp,
+    mobilenet_v1,
+    resnet18,
+    resnet18_reduced,
+    resnet32,
+    torchvision_model,
+)
+from clrun.models.heads import (
+    HEADS,
+    MASKED,
+    CLModel,
+    IncrementalClassifier,
+    MultiHeadClassifier,
+    SingleHead,
+    adapt_model,
+    as_multitask,
+    make_head,
+    old_part,
+    with_head,
+)
+
+__all__ = [
+    "HEADS",
+    "MASKED",
+    "MLP_INITS",
+    "MOBILENET_V1",
+    "BasicBlock",
+    "CLModel",
+    "IncrementalClassifier",
+    "MultiHeadClassifier",
+    "ResNet",
+    "SingleHead",
+    "adapt_model",
+    "as_multitask",
+    "cnn",
+    "make_head",
+    "mlp",
+    "mobilenet_v1",
+    "old_part",
+    "resnet18",
+    "resnet18_reduced",
+    "resnet32",
+    "torchvision_model",
+    "with_head",
+]
