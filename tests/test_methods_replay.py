@@ -100,7 +100,10 @@ def test_der_lwf_is_a_yaml_composition_with_both_weights():
     [
         ({"alpha": -1}, "DER alpha=-1 is not allowed: expected a finite number ≥ 0"),
         ({"minibatch_size": 0}, "DER minibatch_size=0"),
-        ({"balance": "colour"}, "DER balance='colour' is not allowed: expected one of none | class | task | experience"),
+        (
+            {"balance": "colour"},
+            r"DER balance='colour' is not allowed: expected one of none \| class \| task \| experience",
+        ),
     ],
 )
 def test_der_rejects_bad_hyperparameters(kwargs, message):
@@ -248,7 +251,9 @@ def test_replay_context_weighting_weighs_new_and_replayed_losses_by_the_context(
         want = F.cross_entropy(out[:4], batch.y[:4]) / c
         want = want + (1 - 1 / c) * F.cross_entropy(out[4:], batch.y[4:])
         torch.testing.assert_close(replay.loss(state, batch, None, out), want)
-    with pytest.raises(ValueError, match="weighting='per_sample' is not allowed: expected one of batch | context"):
+    with pytest.raises(
+        ValueError, match=r"weighting='per_sample' is not allowed: expected one of batch \| context"
+    ):
         Replay(ReservoirBuffer(5), weighting="per_sample")
 
 
@@ -275,7 +280,10 @@ def test_replay_step_update_stores_each_new_minibatch_after_its_step():
     assert len(per_experience.buffer) == 0
     per_experience.post_update(state, exp)
     assert len(per_experience.buffer) == min(100, len(exp))
-    with pytest.raises(ValueError, match="buffer_update='epoch' is not allowed: expected one of experience | step"):
+    with pytest.raises(
+        ValueError,
+        match=r"buffer_update='epoch' is not allowed: expected one of experience \| step",
+    ):
         Replay(ReservoirBuffer(5), buffer_update="epoch")
 
 
