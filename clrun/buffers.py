@@ -14,7 +14,7 @@ the capacity. Every buffer owns a seeded ``torch.Generator`` and round-trips thr
   the chosen ones closest to the group's mean feature); ``closest_to_center`` (the samples
   nearest to the group's mean feature). The ranked selections need features: pass
   ``update(samples, features=fn)``, ``fn`` mapping samples to a (n, d) feature tensor
-  (:func:`clrun.strategies.replay.backbone_features` gives the model's L2-normalised backbone
+  (:func:`clrun.strategies.utils.backbone_features` gives the model's L2-normalised backbone
   features). Ranked groups are stored in rank order, so shrinking a group drops its last-ranked
   samples (iCaRL's "reduce exemplar set") and needs no features.
 
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, one_of, optional, require
 
 FIELDS = ("x", "y", "t", "e")
 GROUPBY = ("class", "task", "experience")
@@ -52,9 +53,7 @@ FeatureFn = Callable[[Experience], Tensor]
 
 def check_balance(balance: str, owner: str) -> str:
     """Validate a ``balance`` option (``owner`` names the parameter in the message)."""
-    if balance not in BALANCE:
-        raise ValueError(f"{owner}={balance!r} is not one of {', '.join(BALANCE)}")
-    return balance
+    return require(owner, balance, one_of(BALANCE))
 
 
 class Buffer:
@@ -62,8 +61,7 @@ class Buffer:
     appends samples (methods that manage their own memory, like X-DER and GDumb, use it)."""
 
     def __init__(self, max_size: int, seed: int = 0):
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"buffer.max_size={max_size!r} must be an integer ≥ 1")
+        require("buffer.max_size", max_size, int_at_least(1))
         self.max_size = max_size
         self.generator = torch.Generator().manual_seed(seed)
         self.data: dict[str, Tensor] = {}
@@ -239,21 +237,10 @@ class ClassBalancedBuffer(Buffer):
         max_per_group: int | None = None,
     ):
         super().__init__(max_size, seed)
-        if max_per_group is not None and (
-            isinstance(max_per_group, bool)
-            or not isinstance(max_per_group, int)
-            or max_per_group < 1
-        ):
-            raise ValueError(
-                f"buffer.max_per_group={max_per_group!r} must be null or an integer ≥ 1"
-            )
-        self.max_per_group = max_per_group
-        if groupby not in GROUPBY:
-            raise ValueError(f"buffer.groupby={groupby!r} is not one of {', '.join(GROUPBY)}")
-        if selection not in SELECTIONS:
-            raise ValueError(
-                f"buffer.selection={selection!r} is not one of {', '.join(SELECTIONS)}"
-            )
+        cap = optional(int_at_least(1), "null (no cap)")
+        self.max_per_group = require("buffer.max_per_group", max_per_group, cap)
+        require("buffer.groupby", groupby, one_of(GROUPBY))
+        require("buffer.selection", selection, one_of(SELECTIONS))
         self.groupby, self.selection = groupby, selection
         self.groups: list[int] = []  # in order of arrival
 
@@ -345,8 +332,7 @@ def rank(features: Tensor, selection: str, k: int) -> Tensor:
     mu = features.mean(0)
     if selection == "closest_to_center":
         return torch.argsort((features - mu).pow(2).sum(1), stable=True)[:k]
-    if selection != "herding":
-        raise ValueError(f"selection={selection!r} is not one of herding, closest_to_center")
+    require("selection", selection, one_of(("herding", "closest_to_center")))
     # ||mu - (s + f)/i||² up to a constant, with s the sum of the i-1 chosen: kept incrementally.
     mu_f, f_f = features @ mu, features.pow(2).sum(1)
     s_f = torch.zeros_like(mu_f)  # s · f for every candidate

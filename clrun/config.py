@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,18 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clrun.benchmarks import NAMED_CLASS_ORDERS, SCENARIOS
+from clrun.checks import (
+    Rule,
+    boolean,
+    int_at_least,
+    is_int,
+    not_allowed,
+    number_above,
+    number_at_least,
+    one_of,
+    optional,
+    probability_below_one,
+)
 from clrun.models import HEADS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -33,67 +44,49 @@ class ConfigError(ValueError):
     allowed; the CLI prints it without a traceback."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: _is_int(v) and v >= lo), f"an integer ≥ {lo}"
-
-
 # key → (check, what is allowed). Applied when the key exists in the composed config.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _int_at_least(0),
-    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer ≥ 1"),
-    "device": (
+RULES: dict[str, Rule] = {
+    "seed": int_at_least(0),
+    "threads": optional(int_at_least(1)),
+    "device": Rule(
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
         "auto, cpu, cuda, cuda:N or mps",
     ),
-    "resume": (
+    "resume": Rule(
         lambda v: v in (True, False, "auto") or (isinstance(v, str) and v != ""),
         "auto, true, false or the path of a run directory",
     ),
-    "checkpoint.every_n_steps": (
-        lambda v: v is None or (_is_int(v) and v >= 1),
-        "null or an integer ≥ 1",
-    ),
-    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 | bf16"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
-    "benchmark.scenario": (lambda v: v in SCENARIOS, " | ".join(SCENARIOS)),
-    "benchmark.n_experiences": _int_at_least(1),
-    "benchmark.seed": _int_at_least(0),
-    "benchmark.class_order": (
+    "checkpoint.every_n_steps": optional(int_at_least(1)),
+    "precision": one_of(("fp32", "bf16")),
+    "compile": boolean(),
+    "deterministic": boolean(),
+    "channels_last": boolean(),
+    "benchmark.scenario": one_of(SCENARIOS),
+    "benchmark.n_experiences": int_at_least(1),
+    "benchmark.seed": int_at_least(0),
+    "benchmark.class_order": Rule(
         lambda v: (
             v is None
             or (isinstance(v, str) and v in NAMED_CLASS_ORDERS)
-            or (isinstance(v, list | ListConfig) and all(_is_int(c) for c in v))
+            or (isinstance(v, list | ListConfig) and all(is_int(c) for c in v))
         ),
         "null, a list of integer class labels or " + " | ".join(NAMED_CLASS_ORDERS),
     ),
-    "model.head": (lambda v: v in HEADS, " | ".join(HEADS)),
-    "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.hidden_sizes": (
-        lambda v: isinstance(v, list | ListConfig) and all(_is_int(h) and h >= 1 for h in v),
+    "model.head": one_of(HEADS),
+    "model.dropout": probability_below_one(),
+    "model.hidden_sizes": Rule(
+        lambda v: isinstance(v, list | ListConfig) and all(is_int(h) and h >= 1 for h in v),
         "a list of integers ≥ 1",
     ),
-    "strategy.epochs": _int_at_least(1),
-    "strategy.iterations": (
-        lambda v: v is None or (_is_int(v) and v >= 1),
-        "null or an integer ≥ 1",
-    ),
-    "strategy.batch_size": _int_at_least(1),
-    "strategy.eval_batch_size": _int_at_least(1),
-    "optimizer.lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number ≥ 0"),
-    "optimizer.reset_each_experience": (lambda v: isinstance(v, bool), "true or false"),
-    "buffer.max_size": _int_at_least(1),
+    "strategy.epochs": int_at_least(1),
+    "strategy.iterations": optional(int_at_least(1)),
+    "strategy.batch_size": int_at_least(1),
+    "strategy.eval_batch_size": int_at_least(1),
+    "optimizer.lr": number_above(0),
+    "optimizer.momentum": probability_below_one(),
+    "optimizer.weight_decay": number_at_least(0),
+    "optimizer.reset_each_experience": boolean(),
+    "buffer.max_size": int_at_least(1),
 }
 
 _MISSING = object()
@@ -108,7 +101,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
         if not check(value):
-            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+            raise ConfigError(not_allowed(key, value, allowed))
     for group in ("benchmark", "model", "optimizer", "buffer", "lr_schedule"):
         if cfg.get(group) is not None:
             check_signature(cfg[group], group)

@@ -17,18 +17,15 @@ from collections.abc import Sequence
 
 import torch
 
+from clrun.checks import Rule, int_at_least, number_above, number_at_least, require
 
-def _number(name: str, v: object, low: float, strict: bool) -> float:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (v <= low if strict else v < low):
-        raise ValueError(f"lr_schedule.{name}={v!r} must be a finite number {'>' if strict else '≥'} {low}")  # fmt: skip
-    return float(v)
+
+def _number(name: str, v: object, rule: Rule) -> float:
+    return float(require(f"lr_schedule.{name}", v, rule))
 
 
 def _count(name: str, v: object, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"lr_schedule.{name}={v!r} must be an integer ≥ {low}")
-    return v
+    return require(f"lr_schedule.{name}", v, int_at_least(low))
 
 
 class Schedule:
@@ -56,11 +53,11 @@ class CosineRestarts(Schedule):
         warmup_epochs: int = 0,
         warmup_factor: float = 0.1,
     ):
-        self.min_lr = _number("min_lr", min_lr, 0, strict=False)
+        self.min_lr = _number("min_lr", min_lr, number_at_least(0))
         self.first_cycle = _count("first_cycle", first_cycle, 1)
         self.cycle_mult = _count("cycle_mult", cycle_mult, 1)
         self.warmup_epochs = _count("warmup_epochs", warmup_epochs, 0)
-        self.warmup_factor = _number("warmup_factor", warmup_factor, 0, strict=True)
+        self.warmup_factor = _number("warmup_factor", warmup_factor, number_above(0))
 
     def lr(self, base_lr: float, epoch: int) -> float:
         if epoch < self.warmup_epochs:
@@ -77,9 +74,9 @@ class StepDecay(Schedule):
 
     def __init__(self, milestones: Sequence[int] = (), gamma: float = 0.1):
         self.milestones = [_count("milestones[]", m, 1) for m in milestones]
-        if self.milestones != sorted(set(self.milestones)):
-            raise ValueError(f"lr_schedule.milestones={list(milestones)!r} must increase")
-        self.gamma = _number("gamma", gamma, 0, strict=True)
+        increasing = Rule(lambda ms: ms == sorted(set(ms)), "increasing epochs")
+        require("lr_schedule.milestones", list(milestones), increasing)
+        self.gamma = _number("gamma", gamma, number_above(0))
 
     def lr(self, base_lr: float, epoch: int) -> float:
         return base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)

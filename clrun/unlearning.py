@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clrun import checkpoint
+from clrun.checks import Rule, boolean, is_int, require
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build
 from clrun.io import write_json
@@ -69,10 +70,6 @@ class Plan:
         return sorted({j for js in self.requests.values() for j in js})
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
     """The checked ``unlearning`` config of a run over ``n_experiences`` experiences."""
     node = cfg.get("unlearning")
@@ -85,15 +82,15 @@ def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
             f"unlearning.requests={raw!r} must map an experience to a list, e.g. {{3: [1]}}"
         )
     requests, seen = {}, set()
-    for i in sorted(raw, key=lambda k: (not _int(k), k if _int(k) else 0)):
+    for i in sorted(raw, key=lambda k: (not is_int(k), k if is_int(k) else 0)):
         js = raw[i]
-        if not _int(i) or not 0 <= i < T:
+        if not is_int(i) or not 0 <= i < T:
             raise ConfigError(
                 f"unlearning.requests: key {i!r} must be an experience index, one of {allowed}"
             )
         if isinstance(js, int):
             js = [js]
-        if not isinstance(js, list | ListConfig) or not js or not all(_int(j) for j in js):
+        if not isinstance(js, list | ListConfig) or not js or not all(is_int(j) for j in js):
             raise ConfigError(
                 f"unlearning.requests.{i}={js!r} must be a non-empty list of experience indices"
             )
@@ -106,18 +103,17 @@ def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
             seen.add(j)
         requests[int(i)] = [int(j) for j in js]
     exclude = node.get("exclude") or []
-    if not isinstance(exclude, list | ListConfig) or not all(
-        _int(j) and 0 <= j < T for j in exclude
-    ):
-        raise ConfigError(f"unlearning.exclude={exclude!r} must be a list of {allowed}")
-    disabled = node.get("disable", False)
-    if not isinstance(disabled, bool):
-        raise ConfigError(f"unlearning.disable={disabled!r} must be true or false")
-    reference = node.get("reference")
-    if reference is not None and not isinstance(reference, str) or reference == "":
-        raise ConfigError(
-            f"unlearning.reference={reference!r} must be auto, null or the path of a run directory"
-        )
+    experiences = Rule(
+        lambda v: isinstance(v, list | ListConfig) and all(is_int(j) and 0 <= j < T for j in v),
+        f"a list of {allowed}",
+    )
+    require("unlearning.exclude", exclude, experiences, ConfigError)
+    disabled = require("unlearning.disable", node.get("disable", False), boolean(), ConfigError)
+    run_dir = Rule(
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "auto, null or the path of a run directory",
+    )
+    reference = require("unlearning.reference", node.get("reference"), run_dir, ConfigError)
     p = Plan(requests, {int(j) for j in exclude}, disabled, reference)
     if p.active:
         _check_components(components, requests)

@@ -98,9 +98,12 @@ def test_der_lwf_is_a_yaml_composition_with_both_weights():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"alpha": -1}, "DER alpha=-1 must be a finite number ≥ 0"),
+        ({"alpha": -1}, "DER alpha=-1 is not allowed: expected a finite number ≥ 0"),
         ({"minibatch_size": 0}, "DER minibatch_size=0"),
-        ({"balance": "colour"}, "DER balance='colour' is not one of none, class, task, experience"),
+        (
+            {"balance": "colour"},
+            r"DER balance='colour' is not allowed: expected one of none \| class \| task \| experience",
+        ),
     ],
 )
 def test_der_rejects_bad_hyperparameters(kwargs, message):
@@ -248,7 +251,9 @@ def test_replay_context_weighting_weighs_new_and_replayed_losses_by_the_context(
         want = F.cross_entropy(out[:4], batch.y[:4]) / c
         want = want + (1 - 1 / c) * F.cross_entropy(out[4:], batch.y[4:])
         torch.testing.assert_close(replay.loss(state, batch, None, out), want)
-    with pytest.raises(ValueError, match="weighting='per_sample' is not one of batch, context"):
+    with pytest.raises(
+        ValueError, match=r"weighting='per_sample' is not allowed: expected one of batch \| context"
+    ):
         Replay(ReservoirBuffer(5), weighting="per_sample")
 
 
@@ -275,7 +280,10 @@ def test_replay_step_update_stores_each_new_minibatch_after_its_step():
     assert len(per_experience.buffer) == 0
     per_experience.post_update(state, exp)
     assert len(per_experience.buffer) == min(100, len(exp))
-    with pytest.raises(ValueError, match="buffer_update='epoch' is not one of experience, step"):
+    with pytest.raises(
+        ValueError,
+        match=r"buffer_update='epoch' is not allowed: expected one of experience \| step",
+    ):
         Replay(ReservoirBuffer(5), buffer_update="epoch")
 
 
@@ -463,7 +471,7 @@ def test_xder_past_constraint_lifts_the_present_head_and_predict_masks_other_tas
 
 
 def test_strong_augmentation_is_seeded_keeps_shape_and_range():
-    from clrun.strategies._augment import _shift_hue, strong_augment
+    from clrun.strategies.utils import _shift_hue, strong_augment
 
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     a = strong_augment(x, torch.Generator().manual_seed(1))

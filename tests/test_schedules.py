@@ -76,11 +76,11 @@ def test_the_runner_sets_the_rate_at_each_epoch_of_every_experience(run_debug):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: CosineRestarts(min_lr=-1), "lr_schedule.min_lr=-1 must be a finite number ≥ 0"),
-        (lambda: CosineRestarts(first_cycle=0), "lr_schedule.first_cycle=0 must be an integer ≥ 1"),
-        (lambda: CosineRestarts(warmup_factor=0), "lr_schedule.warmup_factor=0 must be a finite number > 0"),
-        (lambda: StepDecay(milestones=[5, 3]), "lr_schedule.milestones=[5, 3] must increase"),
-        (lambda: StepDecay(gamma=float("nan")), "lr_schedule.gamma=nan must be a finite number > 0"),
+        (lambda: CosineRestarts(min_lr=-1), "lr_schedule.min_lr=-1 is not allowed: expected a finite number ≥ 0"),
+        (lambda: CosineRestarts(first_cycle=0), "lr_schedule.first_cycle=0 is not allowed: expected an integer ≥ 1"),
+        (lambda: CosineRestarts(warmup_factor=0), "lr_schedule.warmup_factor=0 is not allowed: expected a finite number > 0"),
+        (lambda: StepDecay(milestones=[5, 3]), "lr_schedule.milestones=[5, 3] is not allowed: expected increasing epochs"),
+        (lambda: StepDecay(gamma=float("nan")), "lr_schedule.gamma=nan is not allowed: expected a finite number > 0"),
     ],
 )  # fmt: skip
 def test_bad_values_are_named(make, message):

@@ -1,6 +1,9 @@
 """Strategy components: the building blocks that ``conf/strategy/*.yaml`` compose.
 
 Each component is one short file; see :mod:`clrun.components` for the hooks and when they run.
+What several of them share (quadratic penalties, per-sample and flat gradients, features of raw
+samples, the old part of grown tensors) is public in :mod:`clrun.strategies.utils`, for your own
+components too.
 """
 
 from clrun.strategies.agem import AGEM

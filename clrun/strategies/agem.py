@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, require
 from clrun.components import RunState
-from clrun.strategies.gem import FIELDS, flat_grad, write_grad
+from clrun.strategies.gem import FIELDS
+from clrun.strategies.utils import flat_grad, model_input, write_grad
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
@@ -36,12 +38,8 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
 
 class AGEM:
     def __init__(self, patterns_per_experience: int = 256, sample_size: int = 256, seed: int = 0):
-        for name, v in (
-            ("patterns_per_experience", patterns_per_experience),
-            ("sample_size", sample_size),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"A-GEM {name}={v!r} must be an integer ≥ 1")
+        require("A-GEM patterns_per_experience", patterns_per_experience, int_at_least(1))
+        require("A-GEM sample_size", sample_size, int_at_least(1))
         self.patterns_per_experience, self.sample_size = patterns_per_experience, sample_size
         self.generator = torch.Generator().manual_seed(seed)
         self.memory: dict[int, dict[str, Tensor]] = {}  # experience → raw samples
@@ -56,11 +54,11 @@ class AGEM:
         pool = self._pool
         n = len(pool["y"])
         idx = torch.randperm(n, generator=self.generator)[: self.sample_size].to(pool["y"].device)
-        x, y, t, e = (pool[f][idx] for f in FIELDS)
+        drawn = Experience(-1, *(pool[f][idx] for f in FIELDS))
         params = [p for p in state.model.parameters() if p.requires_grad]
-        x = state.to_model_format(state.benchmark.prepare(x, e))
+        x = model_input(state, drawn)
         with state.autocast():
-            loss = F.cross_entropy(state.model(x, t), y)
+            loss = F.cross_entropy(state.model(x, drawn.t), drawn.y)
         ref = torch.autograd.grad(loss, params, allow_unused=True)
         g = flat_grad([p.grad for p in params], params)
         new = agem_project(g, flat_grad(list(ref), params))

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, require
 from clrun.components import RunState
 from clrun.config import ConfigError
-from clrun.strategies._quadratic import old_part
+from clrun.strategies.utils import old_part
 
 
 def _float_state(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -74,10 +75,8 @@ def _grown(shape: tuple, old: tuple | None, new: tuple) -> Tensor:
 
 class Amnesiac:
     def __init__(self, repair_steps: int = 0, repair_batch_size: int = 128):
-        for name, v, lo in (("repair_steps", repair_steps, 0),
-                            ("repair_batch_size", repair_batch_size, 1)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"Amnesiac {name}={v!r} must be an integer ≥ {lo}")
+        require("Amnesiac repair_steps", repair_steps, int_at_least(0))
+        require("Amnesiac repair_batch_size", repair_batch_size, int_at_least(1))
         self.repair_steps, self.repair_batch_size = repair_steps, repair_batch_size
         self.updates: dict[int, dict[str, Tensor]] = {}  # experience → Δθ
         self.before: dict[str, Tensor] | None = None  # θ at the first step of this training pass

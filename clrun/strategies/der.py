@@ -28,17 +28,16 @@ the runner). The buffer cannot be shared with a component that stores samples wi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.buffers import Buffer, check_balance
+from clrun.checks import int_at_least, number_at_least, optional, require
 from clrun.components import RunState
 from clrun.models import MASKED
-from clrun.strategies.replay import buffer_features, model_input
+from clrun.strategies.utils import model_input, offer
 
 
 class DER:
@@ -55,22 +54,10 @@ class DER:
                 "DER replays samples with their logits and needs a buffer: "
                 "choose buffer=reservoir (the paper's) or buffer=class_balanced"
             )
-        for name, v in (("alpha", alpha), ("beta", beta)):
-            if (
-                not isinstance(v, int | float)
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise ValueError(f"DER {name}={v!r} must be a finite number ≥ 0")
-        if minibatch_size is not None and (
-            isinstance(minibatch_size, bool)
-            or not isinstance(minibatch_size, int)
-            or minibatch_size < 1
-        ):
-            raise ValueError(
-                f"DER minibatch_size={minibatch_size!r} must be null or an integer ≥ 1"
-            )
+        require("DER alpha", alpha, number_at_least(0))
+        require("DER beta", beta, number_at_least(0))
+        batch = optional(int_at_least(1), "null (= strategy.batch_size)")
+        require("DER minibatch_size", minibatch_size, batch)
         self.buffer, self.alpha, self.beta = buffer, float(alpha), float(beta)
         self.minibatch_size = minibatch_size
         self.balance = check_balance(balance, "DER balance")
@@ -102,12 +89,7 @@ class DER:
     def after_step(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> None:
         n = self._n_new or len(batch)
         new = batch if n == len(batch) else batch.subset(torch.arange(n, device=batch.y.device))
-        logits = out[:n].detach().float()
-        features = buffer_features(self.buffer, state)
-        if features is None:
-            self.buffer.update(new, logits=logits)
-        else:
-            self.buffer.update(new, features=features, logits=logits)
+        offer(self.buffer, state, new, logits=out[:n].detach().float())
 
 
 def masked_mse(out: Tensor, stored: Tensor) -> Tensor:

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience, concat
 from clrun.buffers import Buffer, check_balance
+from clrun.checks import int_at_least, optional, require
 from clrun.components import RunState
 from clrun.models import MASKED
-from clrun.strategies.replay import buffer_features
+from clrun.strategies.utils import offer
 
 
 class ERACE:
@@ -39,10 +40,8 @@ class ERACE:
                 "ER-ACE replays samples and needs a buffer: "
                 "choose buffer=reservoir (the paper's) or buffer=class_balanced"
             )
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"ER-ACE batch_size={batch_size!r} must be null or an integer ≥ 1")
+        batch = optional(int_at_least(1), "null (= the minibatch's)")
+        require("ER-ACE batch_size", batch_size, batch)
         self.buffer, self.batch_size = buffer, batch_size
         self.balance = check_balance(balance, "ER-ACE balance")
         self.seen: Tensor | None = None  # bool per class: seen in an incoming minibatch
@@ -70,11 +69,7 @@ class ERACE:
     def after_step(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> None:
         n = self._n_new or len(batch)
         new = batch if n == len(batch) else batch.subset(torch.arange(n, device=batch.y.device))
-        features = buffer_features(self.buffer, state)
-        if features is None:
-            self.buffer.update(new)
-        else:
-            self.buffer.update(new, features=features)
+        offer(self.buffer, state, new)
 
     def forget(self, state: RunState, experiences: list[int]) -> None:
         """Continual unlearning: classes that only forgotten experiences had count as unseen

@@ -18,16 +18,14 @@ scenario. State: the Fisher matrices and snapshots (the merged form is rebuilt f
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, number_at_least, one_of, optional, probability, require
 from clrun.components import RunState
-from clrun.strategies._per_sample import sum_per_sample_grads
-from clrun.strategies._quadratic import anchor_of, old_part, quadratic
+from clrun.strategies.utils import anchor_of, old_part, quadratic, sum_per_sample_grads
 
 MODES = ("separate", "online")
 FISHERS = ("empirical", "sampled", "predicted")
@@ -44,20 +42,12 @@ class EWC:
         fisher_batch_size: int = 64,
         seed: int = 0,
     ):
-        if (
-            not isinstance(ewc_lambda, int | float)
-            or not math.isfinite(ewc_lambda)
-            or ewc_lambda < 0
-        ):
-            raise ValueError(f"EWC ewc_lambda={ewc_lambda!r} must be a finite number ≥ 0")
-        if mode not in MODES:
-            raise ValueError(f"EWC mode={mode!r} is not one of {', '.join(MODES)}")
-        if not isinstance(decay_factor, int | float) or not 0 <= decay_factor <= 1:
-            raise ValueError(f"EWC decay_factor={decay_factor!r} must be in [0, 1]")
-        if fisher not in FISHERS:
-            raise ValueError(f"EWC fisher={fisher!r} is not one of {', '.join(FISHERS)}")
-        if fisher_samples is not None and int(fisher_samples) < 1:
-            raise ValueError(f"EWC fisher_samples={fisher_samples!r} must be null or ≥ 1")
+        require("EWC ewc_lambda", ewc_lambda, number_at_least(0))
+        require("EWC mode", mode, one_of(MODES))
+        require("EWC decay_factor", decay_factor, probability())
+        require("EWC fisher", fisher, one_of(FISHERS))
+        require("EWC fisher_samples", fisher_samples, optional(int_at_least(1), "null (= all)"))
+        require("EWC fisher_batch_size", fisher_batch_size, int_at_least(1))
         self.ewc_lambda, self.mode, self.decay_factor = float(ewc_lambda), mode, float(decay_factor)
         self.fisher, self.fisher_samples = fisher, fisher_samples
         self.fisher_batch_size = int(fisher_batch_size)
@@ -112,11 +102,11 @@ class EWC:
         if self.fisher != "empirical":  # labels from the model: drawn, or its most likely one
             was_training = state.model.training
             state.model.eval()
+            batches = (samples.subset(torch.arange(i, min(i + 256, n))) for i in range(0, n, 256))
             with torch.no_grad():
-                logits = torch.cat([
-                    state.model(state.benchmark.prepare(b.x, b.e), b.t)
-                    for b in (samples.subset(torch.arange(i, min(i + 256, n))) for i in range(0, n, 256))
-                ])  # fmt: skip
+                logits = torch.cat(
+                    [state.model(state.benchmark.prepare(b.x, b.e), b.t) for b in batches]
+                )
             state.model.train(was_training)
             if self.fisher == "sampled":
                 y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)
@@ -125,13 +115,15 @@ class EWC:
                 y = logits.argmax(1)
             samples = Experience(samples.index, samples.x, y, samples.t, samples.e)
         nll = lambda out, y: F.cross_entropy(out, y, reduction="none")  # noqa: E731
-        fisher = sum_per_sample_grads(state, samples, nll, torch.square,
-                                      self.fisher_batch_size)  # fmt: skip
+        fisher = sum_per_sample_grads(state, samples, nll, torch.square, self.fisher_batch_size)
         return {k: f / max(n, 1) for k, f in fisher.items()}
 
     def state_dict(self) -> dict:
-        return {"terms": self.terms, "generator": self.generator.get_state(),
-                "reanchor": self.reanchor}  # fmt: skip
+        return {
+            "terms": self.terms,
+            "generator": self.generator.get_state(),
+            "reanchor": self.reanchor,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.terms, self._merged = state["terms"], None

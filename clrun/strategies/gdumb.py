@@ -30,29 +30,20 @@ Continual unlearning (``forget``): the forgotten experiences' samples leave the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.buffers import Buffer
+from clrun.checks import int_at_least, number_above, optional, require
 from clrun.components import RunState
 
 
 class GDumb:
     def __init__(self, memory_size: int = 500, clip_grad_norm: float | None = 10.0, seed: int = 0):
-        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
-            raise ValueError(f"GDumb memory_size={memory_size!r} must be an integer ≥ 1")
-        if clip_grad_norm is not None and (
-            not isinstance(clip_grad_norm, int | float)
-            or isinstance(clip_grad_norm, bool)
-            or not math.isfinite(clip_grad_norm)
-            or clip_grad_norm <= 0
-        ):
-            raise ValueError(
-                f"GDumb clip_grad_norm={clip_grad_norm!r} must be null or a number > 0"
-            )
+        require("GDumb memory_size", memory_size, int_at_least(1))
+        clip = optional(number_above(0), "null (no clipping)")
+        require("GDumb clip_grad_norm", clip_grad_norm, clip)
         self.memory = Buffer(memory_size, seed)
         self.clip_grad_norm = clip_grad_norm
         self.initial: dict[str, Tensor] | None = None

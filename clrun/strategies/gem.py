@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, number_at_least, require
 from clrun.components import RunState
+from clrun.strategies.utils import flat_grad, model_input, write_grad
 
 FIELDS = ("x", "y", "t", "e")
 KKT_TOL = 1e-10  # relative: ⟨g_k, g̃⟩ ≥ −KKT_TOL · ‖g_k‖ ‖g + γ Σ g_k‖ at the solution
@@ -96,40 +98,12 @@ def nnls_gram(Q: Tensor, c: Tensor, tol: Tensor) -> Tensor:
     )
 
 
-def flat_grad(grads: list[Tensor | None], params: list[Tensor]) -> Tensor:
-    """One vector of all gradients (zeros for None)."""
-    return torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).reshape(-1)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-
-
-def write_grad(flat: Tensor, params: list[Tensor], used: list[bool]) -> None:
-    """Set ``p.grad`` from ``flat`` for the parameters marked ``used`` (those with a gradient in
-    the loss or in the memory loss; the others keep ``p.grad`` None, so the optimiser skips them)."""
-    offset = 0
-    for p, keep in zip(params, used, strict=True):
-        part = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-        if not keep:
-            continue
-        if p.grad is None:
-            p.grad = part.clone()
-        else:
-            p.grad.copy_(part)
-
-
 class GEM:
     def __init__(self, patterns_per_experience: int = 256, memory_strength: float = 0.5):
-        m = patterns_per_experience
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"GEM patterns_per_experience={m!r} must be an integer ≥ 1")
-        ok = isinstance(memory_strength, int | float) and not isinstance(memory_strength, bool)
-        if not ok or not math.isfinite(memory_strength) or memory_strength < 0:
-            raise ValueError(f"GEM memory_strength={memory_strength!r} must be a finite number ≥ 0")
-        self.patterns_per_experience, self.memory_strength = m, float(memory_strength)
+        require("GEM patterns_per_experience", patterns_per_experience, int_at_least(1))
+        require("GEM memory_strength", memory_strength, number_at_least(0))
+        self.patterns_per_experience = patterns_per_experience
+        self.memory_strength = float(memory_strength)
         self.memory: dict[int, dict[str, Tensor]] = {}  # experience → raw samples
 
     def after_backward(self, state: RunState) -> None:
@@ -142,7 +116,7 @@ class GEM:
         rows = []
         for k in past:
             m = self.memory[k]
-            x = state.to_model_format(state.benchmark.prepare(m["x"], m["e"]))
+            x = model_input(state, Experience(k, m["x"], m["y"], m["t"], m["e"]))
             with state.autocast():
                 loss = F.cross_entropy(state.model(x, m["t"]), m["y"])
             grads = torch.autograd.grad(loss, params, allow_unused=True)

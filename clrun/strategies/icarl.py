@@ -32,24 +32,23 @@ horizontally flipped copy (a CIFAR augmentation choice). Class-incremental only
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience, concat
 from clrun.buffers import ClassBalancedBuffer
+from clrun.checks import int_at_least, require
 from clrun.components import RunState
 from clrun.config import ConfigError
-from clrun.models import MASKED
-from clrun.strategies.replay import backbone_features
+from clrun.strategies.utils import backbone_features, frozen_copy, nearest_mean_logits
+
+__all__ = ["ICaRL", "nearest_mean_logits"]
 
 
 class ICaRL:
     def __init__(self, memory_size: int = 2000, seed: int = 0):
-        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
-            raise ValueError(f"iCaRL memory_size={memory_size!r} must be an integer ≥ 1")
+        require("iCaRL memory_size", memory_size, int_at_least(1))
         self.memory = ClassBalancedBuffer(memory_size, "class", "herding", seed=seed)
         self.old_classes: list[int] = []  # classes of the experiences before the current one
         self.class_means: Tensor | None = None  # (n_classes, d), zero rows for unseen classes
@@ -139,10 +138,7 @@ class ICaRL:
         return self.teacher
 
     def _set_teacher(self, state: RunState, weights: dict | None) -> None:
-        teacher = copy.deepcopy(state.model)
-        if weights is not None:
-            teacher.load_state_dict(weights)
-        self.teacher, self._saved_teacher = teacher.eval().requires_grad_(False), None
+        self.teacher, self._saved_teacher = frozen_copy(state.model, weights), None
 
     def state_dict(self) -> dict:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
@@ -161,11 +157,3 @@ class ICaRL:
         self.class_means, self.has_mean = state["class_means"], state["has_mean"]
         self.teacher, self._saved_teacher = None, state["teacher"]
         self.retake_teacher = bool(state.get("retake_teacher", False))
-
-
-def nearest_mean_logits(features: Tensor, means: Tensor, has_mean: Tensor) -> Tensor:
-    """Logits of the nearest-mean classifier: minus the squared distance of the L2-normalised
-    features to each (normalised) class mean; classes without a mean get MASKED."""
-    f = F.normalize(features.flatten(1).float(), dim=1)
-    dist = torch.cdist(f, means.float()).pow(2)
-    return (-dist).masked_fill(~has_mean, MASKED)

@@ -39,16 +39,15 @@ at the next experience (so the order of the components in the strategy does not 
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import number_above, one_of, require
 from clrun.components import RunState
 from clrun.models import MultiHeadClassifier
+from clrun.strategies.utils import frozen_copy
 
 DISTILL_UNITS = ("old", "seen")
 WEIGHTINGS = ("fixed", "context")
@@ -62,20 +61,10 @@ class LwF:
         distill_units: str = "old",
         weighting: str = "fixed",
     ):
-        for name, v in (("alpha", alpha), ("temperature", temperature)):
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v <= 0
-            ):
-                raise ValueError(f"LwF {name}={v!r} must be a finite number > 0")
-        if distill_units not in DISTILL_UNITS:
-            raise ValueError(
-                f"LwF distill_units={distill_units!r} is not one of {', '.join(DISTILL_UNITS)}"
-            )
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"LwF weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        require("LwF alpha", alpha, number_above(0))
+        require("LwF temperature", temperature, number_above(0))
+        require("LwF distill_units", distill_units, one_of(DISTILL_UNITS))
+        require("LwF weighting", weighting, one_of(WEIGHTINGS))
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.distill_units, self.weighting = distill_units, weighting
         if weighting == "context":  # only then does LwF provide the classification loss
@@ -152,10 +141,7 @@ class LwF:
         self.retake_teacher = True
 
     def _set_teacher(self, state: RunState, weights: dict | None) -> None:
-        teacher = copy.deepcopy(state.model)
-        if weights is not None:
-            teacher.load_state_dict(weights)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = frozen_copy(state.model, weights)
         self._units = torch.tensor(self.old_classes, device=state.device)
         self._seen_units, self._saved_teacher = None, None
 

@@ -22,20 +22,13 @@ output does not depend on gets Ω = 0. State: Ω, θ* and the sampling generator
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import int_at_least, number_at_least, optional, probability, require
 from clrun.components import RunState
-from clrun.strategies._per_sample import sum_per_sample_grads
-from clrun.strategies._quadratic import anchor_of, quadratic
-from clrun.strategies._quadratic import old_part as _old
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+from clrun.strategies.utils import anchor_of, old_part, quadratic, sum_per_sample_grads
 
 
 class MAS:
@@ -48,19 +41,13 @@ class MAS:
         seed: int = 0,
         samples_per_gradient: int = 1,
     ):
-        if not _number(mas_lambda) or mas_lambda < 0:
-            raise ValueError(f"MAS mas_lambda={mas_lambda!r} must be a finite number ≥ 0")
-        if alpha is not None and (not _number(alpha) or not 0 <= alpha <= 1):
-            raise ValueError(
-                f"MAS alpha={alpha!r} must be null (sum, as in the paper) or in [0, 1]"
-            )
-        for name, v in (
-            ("importance_samples", importance_samples),
-            ("importance_batch_size", importance_batch_size),
-            ("samples_per_gradient", samples_per_gradient),
-        ):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"MAS {name}={v!r} must be an integer ≥ 1")
+        require("MAS mas_lambda", mas_lambda, number_at_least(0))
+        require("MAS alpha", alpha, optional(probability(), "null (sum, as in the paper)"))
+        require(
+            "MAS importance_samples", importance_samples, optional(int_at_least(1), "null (= all)")
+        )
+        require("MAS importance_batch_size", importance_batch_size, int_at_least(1))
+        require("MAS samples_per_gradient", samples_per_gradient, int_at_least(1))
         self.mas_lambda = float(mas_lambda)
         self.alpha = None if alpha is None else float(alpha)
         self.importance_samples = importance_samples
@@ -83,10 +70,10 @@ class MAS:
             old = self.importance.get(name)
             if old is not None:
                 if self.alpha is None:
-                    omega[_old(old.shape)] += old
+                    omega[old_part(old.shape)] += old
                 else:
                     omega.mul_(1 - self.alpha)
-                    omega[_old(old.shape)] += self.alpha * old
+                    omega[old_part(old.shape)] += self.alpha * old
             self.importance[name] = omega
         self.anchor = anchor_of(state.model)
 
@@ -98,8 +85,9 @@ class MAS:
                 torch.randperm(len(exp), generator=self.generator)[:n].to(exp.y.device)
             )
         if self.samples_per_gradient == 1:
-            omega = sum_per_sample_grads(state, exp, lambda out, y: out.pow(2).sum(1), torch.abs,
-                                         self.importance_batch_size)  # fmt: skip
+            omega = sum_per_sample_grads(
+                state, exp, lambda out, y: out.pow(2).sum(1), torch.abs, self.importance_batch_size
+            )
         else:
             omega = self._group_sums(state, exp)
         return {k: v / max(n, 1) for k, v in omega.items()}
@@ -119,8 +107,9 @@ class MAS:
                     b = exp.subset(idx)
                     out = model(state.benchmark.prepare(b.x, b.e), b.t)
                     names = list(params)
-                    grads = torch.autograd.grad(out.pow(2).sum(), [params[n] for n in names],
-                                                allow_unused=True)  # fmt: skip
+                    grads = torch.autograd.grad(
+                        out.pow(2).sum(), [params[n] for n in names], allow_unused=True
+                    )
                     for name, g in zip(names, grads, strict=True):
                         if g is not None:
                             sums[name] += g.abs()

@@ -31,53 +31,19 @@ c counts original experiences (``benchmark.origin``), as LwF's.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience, concat
-from clrun.buffers import Buffer, FeatureFn, check_balance
+from clrun.buffers import Buffer, check_balance
+from clrun.checks import int_at_least, one_of, optional, require
 from clrun.components import RunState
 
+# The helpers that used to live here are public in clrun.strategies.utils; these names stay
+# importable from this module for components written against it.
+from clrun.strategies.utils import backbone_features, buffer_features, model_input, offer, piece
 
-def piece(samples: Experience, start: int, stop: int) -> Experience:
-    """Samples ``start:stop`` (a view, no copy)."""
-    s = slice(start, stop)
-    return Experience(samples.index, samples.x[s], samples.y[s], samples.t[s], samples.e[s])
-
-
-def model_input(state: RunState, samples: Experience, train: bool = False) -> Tensor:
-    """Raw samples → the model's input, as the runner prepares a minibatch (the benchmark's
-    augmentation with ``train=True``, then the run's memory format)."""
-    x = state.benchmark.prepare(samples.x, samples.e, train=train)
-    to_format = getattr(state, "to_model_format", None)
-    return to_format(x) if to_format is not None else x
-
-
-def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
-    """A feature function for buffer selection and nearest-mean classifiers: raw samples →
-    L2-normalised features of ``state.model.backbone`` (eval mode, no gradient, batched), as
-    iCaRL computes them."""
-
-    def features(samples: Experience) -> Tensor:
-        model = state.model
-        was_training = model.training
-        model.eval()
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(samples), batch_size):
-                x = model_input(state, piece(samples, i, i + batch_size))
-                out.append(F.normalize(model.backbone(x).flatten(1).float(), dim=1))
-        model.train(was_training)
-        return torch.cat(out)
-
-    return features
-
-
-def buffer_features(buffer: Buffer, state: RunState) -> FeatureFn | None:
-    """The feature function a buffer's selection needs, or None."""
-    return backbone_features(state) if getattr(buffer, "needs_features", False) else None
-
+__all__ = ["Replay", "backbone_features", "buffer_features", "model_input", "piece"]
 
 WEIGHTINGS = ("batch", "context")
 UPDATES = ("experience", "step")
@@ -97,22 +63,15 @@ class Replay:
                 "this strategy replays samples and needs a buffer: "
                 "choose buffer=reservoir or buffer=class_balanced"
             )
-        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-            raise ValueError(f"batch_size={batch_size!r} must be null or an integer ≥ 1")
+        require(
+            "replay batch_size", batch_size, optional(int_at_least(1), "null (= the minibatch's)")
+        )
         self.buffer, self.batch_size = buffer, batch_size
         self.balance = check_balance(balance, "balance")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"replay weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}"
-            )
-        self.weighting = weighting
+        self.weighting = require("replay weighting", weighting, one_of(WEIGHTINGS))
         if weighting == "context":  # only then does replay provide the classification loss
             self.loss = self._context_loss
-        if buffer_update not in UPDATES:
-            raise ValueError(
-                f"replay buffer_update={buffer_update!r} is not one of {', '.join(UPDATES)}"
-            )
-        self.buffer_update = buffer_update
+        self.buffer_update = require("replay buffer_update", buffer_update, one_of(UPDATES))
         self._n_new = 0  # new samples at the head of the current minibatch
 
     def replay(self, state: RunState, batch: Experience) -> Experience:
@@ -142,8 +101,4 @@ class Replay:
             self._offer(state, exp)
 
     def _offer(self, state: RunState, samples: Experience) -> None:
-        features = buffer_features(self.buffer, state)
-        if features is None:
-            self.buffer.update(samples)
-        else:
-            self.buffer.update(samples, features=features)
+        offer(self.buffer, state, samples)

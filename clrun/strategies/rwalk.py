@@ -44,19 +44,21 @@ and the experience's score).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import (
+    boolean,
+    int_at_least,
+    number_above,
+    number_at_least,
+    number_in,
+    one_of,
+    require,
+)
 from clrun.components import RunState
-from clrun.strategies._quadratic import anchor_of, quadratic
-from clrun.strategies._quadratic import old_part as _old
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+from clrun.strategies.utils import add_quadratic_grad, anchor_of, old_part, quadratic
 
 
 def _fit(t: Tensor, like: Tensor) -> Tensor:
@@ -64,7 +66,7 @@ def _fit(t: Tensor, like: Tensor) -> Tensor:
     if t.shape == like.shape:
         return t
     out = torch.zeros_like(like)
-    out[_old(t.shape)] = t
+    out[old_part(t.shape)] = t
     return out
 
 
@@ -92,20 +94,12 @@ class RWalk:
         path_score: bool = True,
         score_update: str = "average",
     ):
-        if not _number(ewc_lambda) or ewc_lambda < 0:
-            raise ValueError(f"RWalk ewc_lambda={ewc_lambda!r} must be a finite number ≥ 0")
-        if not _number(ewc_alpha) or not 0 < ewc_alpha <= 1:
-            raise ValueError(f"RWalk ewc_alpha={ewc_alpha!r} must be in (0, 1]")
-        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
-            raise ValueError(f"RWalk delta_t={delta_t!r} must be an integer ≥ 1")
-        if not _number(epsilon) or epsilon <= 0:
-            raise ValueError(f"RWalk epsilon={epsilon!r} must be a finite number > 0")
-        if score_update not in SCORE_UPDATES:
-            raise ValueError(
-                f"RWalk score_update={score_update!r} is not one of {', '.join(SCORE_UPDATES)}"
-            )
-        if not isinstance(path_score, bool):
-            raise ValueError(f"RWalk path_score={path_score!r} must be true or false")
+        require("RWalk ewc_lambda", ewc_lambda, number_at_least(0))
+        require("RWalk ewc_alpha", ewc_alpha, number_in(0, 1, open_lo=True))
+        require("RWalk delta_t", delta_t, int_at_least(1))
+        require("RWalk epsilon", epsilon, number_above(0))
+        require("RWalk score_update", score_update, one_of(SCORE_UPDATES))
+        require("RWalk path_score", path_score, boolean())
         self.ewc_lambda, self.ewc_alpha = float(ewc_lambda), float(ewc_alpha)
         self.delta_t, self.epsilon = delta_t, float(epsilon)
         self.path_score, self.score_update = path_score, score_update
@@ -144,12 +138,8 @@ class RWalk:
                 g = p.grad.clone()
                 self.window[name]["sq_grad"] += g.pow(2)
                 self._grad[name], self._before[name] = g, p.detach().clone()
-            w = self.weights.get(name)
-            if w is not None and self.ewc_lambda != 0:  # now the penalty's gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                old = _old(w.shape)
-                p.grad[old] += (2 * self.ewc_lambda) * w * (p[old] - self.anchor[name])
+        if self.ewc_lambda != 0:  # now the penalty's gradient
+            add_quadratic_grad(params, self.weights, self.anchor, 2 * self.ewc_lambda)
 
     @torch.no_grad()
     def after_step(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> None:

@@ -29,19 +29,13 @@ tracked. State: Ω and θ* (and, during an experience, ω and the experience's s
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from clrun.benchmarks import Experience
+from clrun.checks import boolean, number_above, number_at_least, one_of, require
 from clrun.components import RunState
-from clrun.strategies._quadratic import anchor_of, quadratic
-from clrun.strategies._quadratic import old_part as _old
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+from clrun.strategies.utils import add_quadratic_grad, anchor_of, old_part, quadratic
 
 
 class SI:
@@ -52,14 +46,10 @@ class SI:
         gradient: str = "task",
         clip_importance: bool = True,
     ):
-        if not _number(si_lambda) or si_lambda < 0:
-            raise ValueError(f"SI si_lambda={si_lambda!r} must be a finite number ≥ 0")
-        if not _number(xi) or xi <= 0:
-            raise ValueError(f"SI xi={xi!r} must be a finite number > 0")
-        if gradient not in ("task", "total"):
-            raise ValueError(f"SI gradient={gradient!r} is not one of task, total")
-        if not isinstance(clip_importance, bool):
-            raise ValueError(f"SI clip_importance={clip_importance!r} must be true or false")
+        require("SI si_lambda", si_lambda, number_at_least(0))
+        require("SI xi", xi, number_above(0))
+        require("SI gradient", gradient, one_of(("task", "total")))
+        require("SI clip_importance", clip_importance, boolean())
         self.si_lambda, self.xi, self.gradient = float(si_lambda), float(xi), gradient
         self.clip_importance = clip_importance
         self.importance: dict[str, Tensor] = {}  # Ω
@@ -85,16 +75,13 @@ class SI:
             self.start = {n: p.detach().clone() for n, p in params}
             self.path = {n: torch.zeros_like(p) for n, p in params}
         self._grad, self._before = {}, {}
-        for name, p in params:
-            if self.gradient == "task":  # g: the loss without SI's penalty (the paper)
+        if self.gradient == "task":  # g: the loss without SI's penalty (the paper)
+            for name, p in params:
                 self._record(name, p)
-            omega = self.importance.get(name)
-            if omega is not None and self.si_lambda != 0:  # now the penalty's gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                old = _old(omega.shape)
-                p.grad[old] += (2 * self.si_lambda) * omega * (p[old] - self.anchor[name])
-            if self.gradient == "total":  # g: the whole loss (van de Ven's and Avalanche's code)
+        if self.si_lambda != 0:  # now the penalty's gradient
+            add_quadratic_grad(params, self.importance, self.anchor, 2 * self.si_lambda)
+        if self.gradient == "total":  # g: the whole loss (van de Ven's and Avalanche's code)
+            for name, p in params:
                 self._record(name, p)
 
     def _record(self, name: str, p: Tensor) -> None:
@@ -118,7 +105,7 @@ class SI:
             omega = self.path[name] / ((p - self.start[name]).pow(2) + self.xi)
             old = self.importance.get(name)
             if old is not None:
-                omega[_old(old.shape)] += old
+                omega[old_part(old.shape)] += old
             self.importance[name] = omega.clamp_(min=0) if self.clip_importance else omega
             self.anchor[name] = p.detach().clone()
         self.path, self.start = {}, {}

@@ -18,8 +18,8 @@ the experience being trained, heads are past, present or future. X-DER keeps its
   down to ``gamma`` × its stored ground-truth logit where their maximum exceeds that logit;
   (4) future preparation (not in the last experience): ``lambd`` × a supervised contrastive loss
   (SupCon, temperature ``simclr_temp``) on each future head's L2-normalised logits, for
-  ``simclr_num_aug`` strongly augmented views (:mod:`clrun.strategies._augment`) of up to
-  ``simclr_batch_size`` incoming and as many memory samples, summed over the future heads and
+  ``simclr_num_aug`` strongly augmented views (:func:`clrun.strategies.utils.strong_augment`)
+  of up to ``simclr_batch_size`` incoming and as many memory samples, summed over the future heads and
   divided by their number and the number of samples; (5) logit constraints with margin ``m`` and
   weight ``eta``: on the incoming samples the present head's largest softmax probability must
   beat the past heads' by ``m`` (from the second experience on), and on incoming and memory
@@ -54,25 +54,19 @@ from torch import Tensor
 
 from clrun.benchmarks import Experience
 from clrun.buffers import Buffer
+from clrun.checks import Rule, int_at_least, number_above, number_at_least, optional, require
 from clrun.components import RunState
 from clrun.config import ConfigError
 from clrun.models import MASKED, SingleHead
-from clrun.strategies._augment import strong_augment
-from clrun.strategies.replay import model_input, piece
+from clrun.strategies.utils import model_input, piece, strong_augment
 
 
-def _weight(name: str, v: object, positive: bool = False) -> float:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < 0 or (positive and v == 0):
-        bound = "> 0" if positive else "≥ 0"
-        raise ValueError(f"X-DER {name}={v!r} must be a finite number {bound}")
-    return float(v)
+def _weight(name: str, v: object, rule: Rule | None = None) -> float:
+    return float(require(f"X-DER {name}", v, rule or number_at_least(0)))
 
 
 def _count(name: str, v: object, least: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < least:
-        raise ValueError(f"X-DER {name}={v!r} must be an integer ≥ {least}")
-    return v
+    return require(f"X-DER {name}", v, int_at_least(least))
 
 
 class XDER:
@@ -95,11 +89,11 @@ class XDER:
         self.alpha, self.beta = _weight("alpha", alpha), _weight("beta", beta)
         self.gamma, self.lambd = _weight("gamma", gamma), _weight("lambd", lambd)
         self.eta, self.m = _weight("eta", eta), _weight("m", m)
-        self.simclr_temp = _weight("simclr_temp", simclr_temp, positive=True)
+        self.simclr_temp = _weight("simclr_temp", simclr_temp, number_above(0))
         self.simclr_batch_size = _count("simclr_batch_size", simclr_batch_size)
         self.simclr_num_aug = _count("simclr_num_aug", simclr_num_aug, least=2)
-        if minibatch_size is not None:
-            _count("minibatch_size", minibatch_size)
+        batch = optional(int_at_least(1), "null (= strategy.batch_size)")
+        require("X-DER minibatch_size", minibatch_size, batch)
         self.minibatch_size = minibatch_size
         self.counter = torch.zeros(memory_size)  # times each memory slot was drawn, this experience
         self.head_of: Tensor | None = None  # experience (head) of every class

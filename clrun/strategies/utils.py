@@ -1,0 +1,414 @@
+"""Public helpers for components; import them from your own package
+(``from clrun.strategies.utils import quadratic, sum_per_sample_grads``).
+
+What several strategies share, in one place, so that a component of your own gets the same
+semantics (grown heads, eval mode, batching, seeded augmentation) as the built-in ones:
+
+- grown tensors: :func:`old_part` (from :mod:`clrun.models`) slices the part of a parameter that
+  existed before an incremental head grew;
+- quadratic penalties Σ w (θ − θ*)² (EWC, SI, MAS, RWalk): :func:`anchor_of`, :func:`quadratic`,
+  and :func:`add_quadratic_grad` for components that add the penalty's gradient themselves after
+  reading the loss's own gradient (SI, RWalk);
+- gradients as one vector (GEM, A-GEM): :func:`flat_grad`, :func:`write_grad`;
+- sums over samples of a function of per-sample gradients (EWC's Fisher, MAS's importance):
+  :func:`sum_per_sample_grads`;
+- from raw samples to the model (replay methods, iCaRL, X-DER, GEM): :func:`piece`,
+  :func:`model_input` (the runner's "raw batch → model input"), :func:`backbone_features`
+  (penultimate features), :func:`buffer_features` and :func:`offer` (a buffer update with the
+  features a ranked selection needs), :func:`frozen_copy` (a teacher), and
+  :func:`nearest_mean_logits` (a nearest-class-mean classifier);
+- :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from clrun.benchmarks import Experience
+from clrun.buffers import Buffer, FeatureFn
+from clrun.components import RunState
+from clrun.models import MASKED, old_part
+
+__all__ = [
+    "add_quadratic_grad",
+    "anchor_of",
+    "backbone_features",
+    "buffer_features",
+    "flat_grad",
+    "frozen_copy",
+    "model_input",
+    "nearest_mean_logits",
+    "offer",
+    "old_part",
+    "piece",
+    "quadratic",
+    "strong_augment",
+    "sum_per_sample_grads",
+    "write_grad",
+]
+
+# ------------------------------------------------------------------ quadratic penalties
+# A parameter that grew since its anchor θ* was taken (an incremental head got new units) is
+# penalised on its old part only; parameters created later have no weight and no penalty.
+
+
+def anchor_of(model: nn.Module) -> dict[str, Tensor]:
+    """θ*: a detached copy of every parameter of the model as it is now."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def quadratic(model: nn.Module, weights: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
+    """Σ over the model's parameters of weights · (θ − anchor)², summed in float32 (also under
+    bf16 autocast). Differentiable; call it under ``no_grad`` for the value alone."""
+    device = next(iter(weights.values())).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for name, p in model.named_parameters():
+        w = weights.get(name)
+        if w is not None:
+            part = p if p.shape == w.shape else p[old_part(w.shape)]  # no slice op when not grown
+            total = total + (w * (part - anchor[name]).pow(2)).sum()
+    return total
+
+
+@torch.no_grad()
+def add_quadratic_grad(
+    params: Iterable[tuple[str, Tensor]],
+    weights: dict[str, Tensor],
+    anchor: dict[str, Tensor],
+    coef: float,
+) -> None:
+    """``p.grad`` += the gradient of (``coef`` / 2) · Σ w (θ − θ*)², i.e. ``coef`` · w (θ − θ*),
+    on each parameter's old part, for the named parameters that have a weight (a missing
+    ``p.grad`` starts at zero). For penalties whose value is returned without a graph, so that
+    ``backward`` leaves the rest of the loss's gradient in ``p.grad`` to be read first."""
+    for name, p in params:
+        w = weights.get(name)
+        if w is None:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        old = old_part(w.shape)
+        p.grad[old] += coef * w * (p[old] - anchor[name])
+
+
+# ------------------------------------------------------------------ gradients as one vector
+
+
+def flat_grad(grads: list[Tensor | None], params: list[Tensor]) -> Tensor:
+    """One vector of all gradients (zeros for None)."""
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def write_grad(flat: Tensor, params: list[Tensor], used: list[bool]) -> None:
+    """Set ``p.grad`` from ``flat`` for the parameters marked ``used`` (those with a gradient in
+    the loss or in the memory loss; the others keep ``p.grad`` None, so the optimiser skips them)."""
+    offset = 0
+    for p, keep in zip(params, used, strict=True):
+        part = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if not keep:
+            continue
+        if p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad.copy_(part)
+
+
+# ------------------------------------------------------------------ per-sample gradients
+# Two exact ways to compute Σ_i reduce(g_i):
+# - models whose trainable parameters all belong to ``nn.Linear`` layers (the MLPs, with any
+#   head): the per-sample gradient of a weight is the outer product δ_i a_iᵀ of the layer's
+#   output gradient and input, so Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ(a²) and Σ_i |δ_i a_iᵀ| = |δ|ᵀ|a|: one
+#   backward pass per batch, no per-sample gradient is ever materialised (~50× faster on an MLP);
+# - any other model: ``torch.func.vmap`` over ``grad``.
+
+
+def sum_per_sample_grads(
+    state: RunState,
+    samples: Experience,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    reduce: Callable[[Tensor], Tensor],
+    batch_size: int = 64,
+) -> dict[str, Tensor]:
+    """Σ_i reduce(∂ loss(f(x_i), y_i) / ∂θ) for every trainable parameter θ, with the model in
+    eval mode (dropout off, batch-norm running statistics): the diagonal Fisher of EWC
+    (``reduce=torch.square``), the importance of MAS (``torch.abs``). ``loss(out, y)`` returns
+    one loss per sample; ``reduce`` is elementwise. The optimiser's ``p.grad`` is left as it was.
+    """
+    model = state.model
+    was_training = model.training
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums = None
+
+    def add_linear(x: Tensor, b: Experience, sums: dict) -> None:
+        _add_linear(model, params, sums, x, b, loss, reduce)
+
+    if reduce in (torch.square, torch.abs) and _all_linear(model, params):
+        try:
+            sums = _sums(state, samples, 4096, add_linear, params)
+        except _NotFlat:  # a Linear saw inputs with extra dimensions: use the general way
+            sums = None
+    if sums is None:
+        per_sample = _vmapped(model, params, loss)
+        detached = {k: p.detach() for k, p in params.items()}
+
+        def add(x: Tensor, b: Experience, sums: dict) -> None:
+            for k, g in per_sample(detached, x, b.y, b.t).items():
+                sums[k] += reduce(g).sum(0)
+
+        sums = _sums(state, samples, batch_size, add, params)
+    model.train(was_training)
+    return sums
+
+
+def _sums(state: RunState, samples: Experience, step: int, add: Callable, params: dict) -> dict:
+    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(0, len(samples), step):
+        b = samples.subset(torch.arange(i, min(i + step, len(samples)), device=samples.y.device))
+        add(state.benchmark.prepare(b.x, b.e), b, sums)
+    return sums
+
+
+class _NotFlat(Exception):
+    pass
+
+
+def _all_linear(model: nn.Module, params: dict[str, Tensor]) -> bool:
+    owned = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    return all(id(p) in owned for p in params.values())
+
+
+def _vmapped(model: nn.Module, params: dict[str, Tensor], loss: Callable) -> Callable:
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(p: dict, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
+        return loss(out, y.unsqueeze(0)).sum()
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+
+
+def _add_linear(model, params, sums, x, b, loss, reduce) -> None:
+    """One forward/backward of the summed per-sample losses; hooks collect each Linear's input
+    a (B, in) and output gradient δ (B, out), exact because samples do not interact in eval."""
+    names = {id(p): n for n, p in params.items()}
+    inputs: dict[nn.Linear, Tensor] = {}
+    grads: dict[nn.Linear, Tensor] = {}
+    handles = []
+
+    def capture(m: nn.Module, args: tuple, out: Tensor) -> None:
+        inputs[m] = args[0].detach()
+        out.register_hook(lambda g: grads.__setitem__(m, g.detach()))
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and any(id(p) in names for p in m.parameters()):
+            handles.append(m.register_forward_hook(capture))
+    saved = {k: p.grad for k, p in params.items()}  # the optimiser's, left as they were
+    try:
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            loss(model(x, b.t), b.y).sum().backward(inputs=list(params.values()))
+    finally:
+        for h in handles:
+            h.remove()
+    for k, p in params.items():
+        p.grad = saved[k]
+    for m, a in inputs.items():
+        d = grads.get(m)
+        if d is None or a.dim() != 2:
+            raise _NotFlat
+        sums[names[id(m.weight)]] += reduce(d).T @ reduce(a)
+        if m.bias is not None and id(m.bias) in names:
+            sums[names[id(m.bias)]] += reduce(d).sum(0)
+
+
+# ------------------------------------------------------------------ raw samples → the model
+
+
+def piece(samples: Experience, start: int, stop: int) -> Experience:
+    """Samples ``start:stop`` (a view, no copy)."""
+    s = slice(start, stop)
+    return Experience(samples.index, samples.x[s], samples.y[s], samples.t[s], samples.e[s])
+
+
+def model_input(state: RunState, samples: Experience, train: bool = False) -> Tensor:
+    """Raw samples → the model's input, as the runner prepares a minibatch (the benchmark's
+    augmentation with ``train=True``, then the run's memory format)."""
+    x = state.benchmark.prepare(samples.x, samples.e, train=train)
+    to_format = getattr(state, "to_model_format", None)
+    return to_format(x) if to_format is not None else x
+
+
+def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
+    """A feature function for buffer selection and nearest-mean classifiers: raw samples →
+    L2-normalised features of ``state.model.backbone`` (the penultimate layer; eval mode, no
+    gradient, batched), as iCaRL computes them."""
+
+    def features(samples: Experience) -> Tensor:
+        model = state.model
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(samples), batch_size):
+                x = model_input(state, piece(samples, i, i + batch_size))
+                out.append(F.normalize(model.backbone(x).flatten(1).float(), dim=1))
+        model.train(was_training)
+        return torch.cat(out)
+
+    return features
+
+
+def buffer_features(buffer: Buffer, state: RunState) -> FeatureFn | None:
+    """The feature function a buffer's selection needs, or None."""
+    return backbone_features(state) if getattr(buffer, "needs_features", False) else None
+
+
+def offer(buffer: Buffer, state: RunState, samples: Experience, **extra: Tensor) -> None:
+    """Offer ``samples`` (with ``extra`` per-sample fields, e.g. DER's logits) to ``buffer``,
+    passing the backbone features when its selection ranks samples by them (a buffer class of
+    the user's own that does not rank need not take ``features``)."""
+    features = buffer_features(buffer, state)
+    if features is None:
+        buffer.update(samples, **extra)
+    else:
+        buffer.update(samples, features=features, **extra)
+
+
+def frozen_copy(model: nn.Module, weights: dict | None = None) -> nn.Module:
+    """A deep copy of ``model`` (with ``weights`` loaded, if given) in eval mode and without
+    gradients: a distillation teacher (LwF, iCaRL)."""
+    teacher = copy.deepcopy(model)
+    if weights is not None:
+        teacher.load_state_dict(weights)
+    return teacher.eval().requires_grad_(False)
+
+
+def nearest_mean_logits(features: Tensor, means: Tensor, has_mean: Tensor) -> Tensor:
+    """Logits of the nearest-mean classifier: minus the squared distance of the L2-normalised
+    features to each (normalised) class mean; classes without a mean get MASKED."""
+    f = F.normalize(features.flatten(1).float(), dim=1)
+    dist = torch.cdist(f, means.float()).pow(2)
+    return (-dist).masked_fill(~has_mean, MASKED)
+
+
+# ------------------------------------------------------------------ strong augmentation
+
+GRAY = (0.299, 0.587, 0.114)
+
+
+def strong_augment(x: Tensor, generator: torch.Generator, scale: float = 255.0) -> Tensor:
+    """(N, C, H, W) raw pixels in [0, scale] → augmented float pixels, same shape and range.
+
+    The strong augmentation X-DER's future preparation contrasts (SimCLR-style; the pipeline of
+    the authors' Mammoth ``strong_aug``), driven by ``generator``: random horizontal flip
+    (p = 0.5), random resized crop (scale 0.2-1, aspect ratio 3/4-4/3, back to the input size,
+    bilinear), colour jitter with probability 0.8 (brightness, contrast, saturation 0.4, hue 0.1,
+    in a random order per image), random grayscale (p = 0.2). Saturation, hue and grayscale
+    leave one-channel images unchanged, as torchvision does. Works on raw pixel values (0 to
+    ``scale``: 255 for uint8 images); the benchmark's normalisation comes after."""
+    n, c, h, w = x.shape
+    dev = x.device
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=generator).to(dev)
+
+    x = x.float() / scale
+    x = torch.where((rand(n) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+    x = _resized_crop(x, generator)
+    jitter = rand(n) < 0.8
+    factors = 1 + (rand(n, 3) * 2 - 1) * 0.4  # brightness, contrast, saturation
+    hue = (rand(n) * 2 - 1) * 0.1
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1).to(dev)
+    for k in range(4):
+        for op in range(4):
+            chosen = (order[:, k] == op) & jitter
+            x = torch.where(chosen.view(n, 1, 1, 1), _jitter(x, op, factors, hue), x)
+    if c == 3:
+        gray = _gray(x).expand(-1, 3, -1, -1)
+        x = torch.where((rand(n) < 0.2).view(n, 1, 1, 1), gray, x)
+    return x * scale
+
+
+def _resized_crop(x: Tensor, generator: torch.Generator, tries: int = 10) -> Tensor:
+    """torchvision's RandomResizedCrop: up to ``tries`` draws of area and ratio per image, the
+    first that fits wins; otherwise the whole image."""
+    n, _, h, w = x.shape
+    area = h * w * (0.2 + 0.8 * torch.rand(n, tries, generator=generator))
+    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(
+        n, tries, generator=generator
+    )
+    cw = torch.sqrt(area * log_r.exp()).round()
+    ch = torch.sqrt(area / log_r.exp()).round()
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = torch.where(fits.any(1), fits.float().argmax(1), -1)
+    rows = torch.arange(n)
+    cw = torch.where(first >= 0, cw[rows, first.clamp(min=0)], float(w))
+    ch = torch.where(first >= 0, ch[rows, first.clamp(min=0)], float(h))
+    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
+    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
+    # the crop box in grid_sample's [-1, 1] coordinates (align_corners=False)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = cw / w, ch / h
+    theta[:, 0, 2] = (2 * left + cw) / w - 1
+    theta[:, 1, 2] = (2 * top + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _gray(x: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)
+
+
+def _jitter(x: Tensor, op: int, factors: Tensor, hue: Tensor) -> Tensor:
+    n = x.shape[0]
+    if op == 0:  # brightness: blend with black
+        return (x * factors[:, 0].view(n, 1, 1, 1)).clamp(0, 1)
+    if op == 1:  # contrast: blend with the mean gray level
+        mean = _gray(x).mean((1, 2, 3), keepdim=True)
+        f = factors[:, 1].view(n, 1, 1, 1)
+        return (f * x + (1 - f) * mean).clamp(0, 1)
+    if x.shape[1] == 1:
+        return x
+    if op == 2:  # saturation: blend with the grayscale image
+        f = factors[:, 2].view(n, 1, 1, 1)
+        return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+    return _shift_hue(x, hue)
+
+
+def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
+    """Rotate the hue of RGB images in [0, 1] by ``hue`` (fractions of a turn)."""
+    r, g, b = x.unbind(1)
+    mx, _ = x.max(1)
+    mn, _ = x.min(1)
+    delta = mx - mn
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(
+        mx == r, ((g - b) / safe) % 6, torch.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    h = (h + hue.view(-1, 1, 1)) % 1.0
+    s = torch.where(
+        mx > 0, delta / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx)
+    )
+    v = mx
+    k = lambda m: (m + h * 6) % 6  # noqa: E731
+    f = lambda m: v - v * s * torch.clamp(torch.minimum(k(m), 4 - k(m)), 0, 1)  # noqa: E731
+    return torch.stack([f(5), f(3), f(1)], 1)
