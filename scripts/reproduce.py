@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun runs that already completed")
     ap.add_argument("--report-only", action="store_true", help="run nothing: tabulate what exists")
     a = ap.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as runs finish
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as runs finish
 
     if a.check:
         problems = check_records()
