@@ -20,6 +20,15 @@ GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "exp
 
 
 def options(group: str) -> list[str]:
+    """The options of a config group. ``experiment`` holds one folder per paper: its options are
+    ``<paper>/<preset>``, and the ``protocol*.yaml`` files there are included by presets, not
+    options of their own."""
+    if group == "experiment":
+        return sorted(
+            p.relative_to(CONF / group).with_suffix("").as_posix()
+            for p in (CONF / group).glob("*/*.yaml")
+            if not p.stem.startswith("protocol")
+        )
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 

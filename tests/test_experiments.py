@@ -48,10 +48,62 @@ def test_preset_header_names_its_command_and_published_number(preset):
     assert pub.metric in {"final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt"}
     assert 0 <= pub.mean <= 1 and pub.spread >= 0 and pub.n >= 1
     assert reproduce.PUBLISHED.search(header), "the published line belongs to the header"
+    assert pub.source, "the published number names its source on a '# source:' line under it"
+
+
+def test_presets_live_one_folder_per_paper_with_protocol_and_record():
+    papers = {p.split("/")[0] for p in PRESETS}
+    assert papers == {"buzzega2020", "chaudhry2019", "prabhu2020", "vandeven2018", "vandeven2022"}
+    assert not list((CONF / "experiment").glob("*.yaml")), "presets live in <paper>/ folders"
+    for paper in papers:
+        assert (CONF / "experiment" / paper / "README.md").exists(), paper
+        assert list((CONF / "experiment" / paper).glob("protocol*.yaml")), paper
+
+
+def test_unverified_sources_are_marked():
+    """The DER authors' S-MNIST table could not be read here: every buzzega2020 number says so."""
+    for preset in (p for p in PRESETS if p.startswith("buzzega2020/")):
+        assert reproduce.published(preset).unverified, preset
+    assert not reproduce.published("vandeven2018/splitmnist_task_si").unverified
+
+
+def test_check_passes_on_the_records():
+    """The records show exactly the published number of each preset (reproduce.py --check)."""
+    p = _run_script("--check", timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"all {len(PRESETS)} presets" in p.stdout
+
+
+def test_check_lists_every_kind_of_mismatch(tmp_path, monkeypatch, capsys):
+    paper = tmp_path / "paper2000"
+    paper.mkdir()
+    head = "# @package _global_\n#   clrun experiment=paper2000/{}\n"
+    pub = "# published: final_avg_acc 50.00 ± 1.00 % (std over 3 seeds)\n"
+    src = "# source: Table 1 ({}the table could not be read here)\ndefaults:\n  - _self_\n"
+    (paper / "a.yaml").write_text(head.format("a") + pub + src.format(""))
+    (paper / "b.yaml").write_text(head.format("b") + pub + src.format("unverified: "))
+    (paper / "c.yaml").write_text(head.format("c") + pub + src.format(""))
+    (paper / "protocol_x.yaml").write_text("# @package _global_\n")
+    (paper / "README.md").write_text(
+        "| preset | ours | published (± std) | verdict |\n| --- | --- | --- | --- |\n"
+        "| `paper2000/a` | 50.1 ± 0.3 (3) | 50.00 ± 1.10 | ✓ |\n"
+        "| `paper2000/b` | 50.1 ± 0.3 (3) | 50.00 ± 1.00 | ✓ |\n"
+        "| `paper2000/gone` | 50.1 ± 0.3 (3) | 50.00 ± 1.00 | ✓ |\n"
+    )
+    monkeypatch.setattr(reproduce, "PRESETS", tmp_path)
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    assert reproduce.presets() == ["paper2000/a", "paper2000/b", "paper2000/c"]
+    problems = "\n".join(reproduce.check_records())
+    assert "paper2000/a shows published '50.00 ± 1.10', its header says '50.00 ± 1.00'" in problems
+    assert "paper2000/b's source is unverified" in problems
+    assert "paper2000/gone is not a preset" in problems
+    assert "paper2000/c: one row expected in its paper's README.md, found no row" in problems
+    assert reproduce.main(["--check"]) == 1
+    assert "mismatch" in capsys.readouterr().err
 
 
 def test_vandeven2022_presets_share_the_protocol():
-    for preset in (p for p in PRESETS if p.startswith("vandeven2022_splitmnist_class_")):
+    for preset in (p for p in PRESETS if p.startswith("vandeven2022/class_")):
         cfg = make_cfg(f"experiment={preset}")
         assert cfg.benchmark._target_ == "clrun.benchmarks.split_mnist"
         # ER: all units active from the start (the authors' default, --active-classes=all),
@@ -65,7 +117,7 @@ def test_vandeven2022_presets_share_the_protocol():
         assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (2, False)  # 32×32, in [0, 1]
 
 
-@pytest.mark.parametrize("family", ["vandeven2022_", "vandeven2018_splitmnist_"])
+@pytest.mark.parametrize("family", ["vandeven2022/", "vandeven2018/splitmnist_"])
 def test_vandeven_protocols_draw_the_class_order_from_the_seed(family):
     """As the authors' code: every seed assigns the digits to the contexts as theirs does."""
     presets = [p for p in PRESETS if p.startswith(family)]
@@ -77,11 +129,11 @@ def test_vandeven_protocols_draw_the_class_order_from_the_seed(family):
 
 def test_vandeven2018_presets_share_the_protocol():
     heads = {"task": "multi", "domain": "single", "class": "incremental"}
-    presets = [p for p in PRESETS if p.startswith("vandeven2018_splitmnist_")]
-    assert {p.split("_")[2] for p in presets} == set(heads)
+    presets = [p for p in PRESETS if p.startswith("vandeven2018/splitmnist_")]
+    assert {p.split("_")[1] for p in presets} == set(heads)
     for preset in presets:
         cfg = make_cfg(f"experiment={preset}")
-        scenario = preset.split("_")[2]
+        scenario = preset.split("_")[1]
         assert cfg.benchmark.scenario == scenario and cfg.model.head == heads[scenario]
         assert (cfg.benchmark.pad, cfg.benchmark.normalize) == (0, False)  # 28×28, in [0, 1]
         assert list(cfg.model.hidden_sizes) == [400, 400] and cfg.optimizer.lr == 0.001
@@ -93,11 +145,11 @@ def test_vandeven2018_permuted_presets_share_the_protocol():
     Adam 1e-4, 5000 iterations of 128; the regularisation strengths of the authors' code, online
     EWC's λ·γ, and the Fisher from the model's most likely labels."""
     heads = {"task": "multi", "domain": "single", "class": "incremental"}
-    presets = [p for p in PRESETS if p.startswith("vandeven2018_pmnist_")]
+    presets = [p for p in PRESETS if p.startswith("vandeven2018/pmnist_")]
     assert len(presets) == 12
     for preset in presets:
         cfg = make_cfg(f"experiment={preset}", "seed=3")
-        scenario = preset.split("_")[2]
+        scenario = preset.split("_")[1]
         assert cfg.benchmark._target_.endswith("permuted_mnist") and cfg.benchmark.seed == 3
         assert cfg.benchmark.scenario == scenario and cfg.model.head == heads[scenario]
         assert (cfg.benchmark.n_experiences, cfg.benchmark.pad, cfg.benchmark.normalize) == (
@@ -109,19 +161,19 @@ def test_vandeven2018_permuted_presets_share_the_protocol():
         assert (cfg.strategy.batch_size, cfg.strategy.iterations) == (128, 5000)
         if "ewc" in preset:
             assert cfg.strategy.fisher == "predicted" and cfg.strategy.fisher_samples is None
-    online = make_cfg("experiment=vandeven2018_pmnist_domain_online_ewc").strategy
+    online = make_cfg("experiment=vandeven2018/pmnist_domain_online_ewc").strategy
     assert (online.mode, online.ewc_lambda, online.decay_factor) == ("online", 900, 0.9)
-    assert make_cfg("experiment=vandeven2018_pmnist_class_si").strategy.si_lambda == 0.1
+    assert make_cfg("experiment=vandeven2018/pmnist_class_si").strategy.si_lambda == 0.1
 
 
 def test_buzzega2020_presets_share_the_seq_mnist_protocol():
     """The DER authors' Seq-MNIST: 5 tasks of 2 digits in order, [0, 1] pixels, MLP 100-100 with
     one 10-unit head and Xavier init, plain SGD in minibatches of 10, one epoch, buffer 500;
     their ER stores every minibatch after its step."""
-    presets = [p for p in PRESETS if p.startswith("buzzega2020_smnist_")]
+    presets = [p for p in PRESETS if p.startswith("buzzega2020/")]
     methods = ("er", "der", "derpp", "gem", "agem", "icarl")
     want = {"sgd"} | {f"{m}_{size}" for m in methods for size in (200, 500, 5120)}
-    assert {p.removeprefix("buzzega2020_smnist_") for p in presets} == want
+    assert {p.removeprefix("buzzega2020/") for p in presets} == want
     for preset in presets:
         cfg = make_cfg(f"experiment={preset}")
         assert cfg.benchmark._target_ == "clrun.benchmarks.split_mnist"
@@ -134,27 +186,31 @@ def test_buzzega2020_presets_share_the_seq_mnist_protocol():
         strategy = cfg.strategy
         assert (strategy.epochs, strategy.iterations, strategy.batch_size) == (1, None, 10)
         size = 500 if preset.endswith("sgd") else int(preset.rsplit("_", 1)[1])
-        memory = {"gem": "patterns_per_experience", "agem": "patterns_per_experience",
-                  "icarl": "memory_size"}.get(preset.split("_")[2])  # fmt: skip
+        method = preset.removeprefix("buzzega2020/").split("_")[0]
+        memory = {
+            "gem": "patterns_per_experience",
+            "agem": "patterns_per_experience",
+            "icarl": "memory_size",
+        }.get(method)
         if memory is None:  # the run's reservoir buffer
             assert cfg.buffer.max_size == size
         else:  # their own memory: buffer_size // 5 per task, or K in all
             assert cfg.strategy[memory] == (size if memory == "memory_size" else size // 5)
-        if preset.split("_")[2] == "er":
+        if method == "er":
             assert (cfg.strategy.buffer_update, cfg.strategy.replay_batch_size) == ("step", 10)
-    der = make_cfg("experiment=buzzega2020_smnist_der_500").strategy
+    der = make_cfg("experiment=buzzega2020/der_500").strategy
     assert (der.alpha, der.minibatch_size) == (1.0, 128)
 
 
 def test_prabhu2020_presets_run_gdumb_as_the_authors_code():
     """GDumb's MNIST: a BN MLP trained from scratch on the memory, SGD with momentum and SGDR
     after a warm-up pass, batch 16, 128 passes, clipping at 10; the width and k per preset."""
-    presets = [p for p in PRESETS if p.startswith("prabhu2020_mnist_")]
-    assert set(presets) == {f"prabhu2020_mnist_mlp{w}_k{k}"
-                            for w, k in ((100, 300), (100, 500), (400, 500), (400, 4400))}  # fmt: skip
+    presets = [p for p in PRESETS if p.startswith("prabhu2020/")]
+    sizes = ((100, 300), (100, 500), (400, 500), (400, 4400))
+    assert set(presets) == {f"prabhu2020/mlp{w}_k{k}" for w, k in sizes}
     for preset in presets:
         cfg = make_cfg(f"experiment={preset}")
-        width, k = (int(v) for v in preset.removeprefix("prabhu2020_mnist_mlp").split("_k"))
+        width, k = (int(v) for v in preset.removeprefix("prabhu2020/mlp").split("_k"))
         assert list(cfg.model.hidden_sizes) == [width, width] and cfg.strategy.memory_size == k
         assert cfg.model.batch_norm and cfg.benchmark.augment and cfg.benchmark.normalize
         assert cfg.strategy.components.gdumb._target_ == "clrun.strategies.GDumb"
@@ -175,7 +231,7 @@ def test_prabhu2020_presets_run_gdumb_as_the_authors_code():
 
 
 def test_an_override_after_the_preset_wins():
-    cfg = make_cfg("experiment=vandeven2018_splitmnist_class_si", "strategy.si_lambda=1")
+    cfg = make_cfg("experiment=vandeven2018/splitmnist_class_si", "strategy.si_lambda=1")
     assert cfg.strategy.si_lambda == 1 and cfg.strategy.components.si.si_lambda == 1
 
 
@@ -190,7 +246,7 @@ def test_published_confidence_interval_is_read_as_196_sem(tmp_path, monkeypatch)
 
 
 def test_published_line_parsing_and_verdict():
-    pub = reproduce.published("vandeven2022_splitmnist_class_er")
+    pub = reproduce.published("vandeven2022/class_er")
     assert (pub.metric, pub.kind, pub.n) == ("final_avg_acc", "s.e.m.", 20)
     assert pub.mean == pytest.approx(0.8879) and pub.spread == pytest.approx(0.0020)
     assert pub.seed_std == pytest.approx(0.0020 * 20**0.5)
@@ -203,18 +259,22 @@ def test_published_line_parsing_and_verdict():
 
 
 def _run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)  # fmt: skip
+    script = str(ROOT / "scripts" / "reproduce.py")
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
     """One preset, one seed, 2 experiences of 2 steps, on the synthetic benchmark (no MNIST)."""
-    preset = "vandeven2022_splitmnist_class_none"
-    args = ["--presets", preset, "--seeds", "0", "--quick", "--out", str(tmp_path),
-            "--override", "benchmark=synthetic"]  # fmt: skip
+    preset = "vandeven2022/class_none"
+    args = ["--presets", preset, "--seeds", "0", "--quick", "--out", str(tmp_path)]
+    args += ["--override", "benchmark=synthetic"]
     p = _run_script(*args)
     assert p.returncode == 0, p.stdout + p.stderr
-    summary = json.loads((tmp_path / "quick" / preset / "seed0" / "summary.json").read_text())
+    # <out>/<paper>/<preset>/seed<s>
+    run_dir = tmp_path / "quick" / "vandeven2022" / "class_none" / "seed0"
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["benchmark"] == "synthetic"
     assert summary["steps"] == 2 * 2  # 2 experiences of 2 steps
     assert f"| {preset} | final_avg_acc |" in p.stdout and "19.89 ± 0.02" in p.stdout
@@ -222,7 +282,6 @@ def test_reproduce_quick_end_to_end_on_generated_data(tmp_path):
     again = _run_script(*args)  # the same command reuses the completed run
     assert again.returncode == 0 and "reused" in again.stdout
     # a run made with another config (a preset edited since) is not reused
-    run_dir = tmp_path / "quick" / preset / "seed0"
     job = [o for o in summary["overrides"] if not o.startswith(("threads=", "hydra."))]
     assert reproduce.same_config(run_dir, job)
     assert not reproduce.same_config(run_dir, [*job, "optimizer.lr=0.5"])
