@@ -21,16 +21,12 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clrun.benchmarks import NAMED_CLASS_ORDERS, SCENARIOS
+from clrun.errors import ConfigError
 from clrun.models import HEADS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Keys the runner reads itself: never passed to a target's constructor.
 RUNNER_KEYS = {"optimizer": {"reset_each_experience"}}
-
-
-class ConfigError(ValueError):
-    """A user error in the configuration. The message names the key, the value and what is
-    allowed; the CLI prints it without a traceback."""
 
 
 def _is_int(v: Any) -> bool:

@@ -58,7 +58,7 @@ class AGEM:
         idx = torch.randperm(n, generator=self.generator)[: self.sample_size].to(pool["y"].device)
         x, y, t, e = (pool[f][idx] for f in FIELDS)
         params = [p for p in state.model.parameters() if p.requires_grad]
-        x = state.to_model_format(state.benchmark.prepare(x, e))
+        x = state.model_input(x, e)
         with state.autocast():
             loss = F.cross_entropy(state.model(x, t), y)
         ref = torch.autograd.grad(loss, params, allow_unused=True)

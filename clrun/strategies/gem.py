@@ -142,7 +142,7 @@ class GEM:
         rows = []
         for k in past:
             m = self.memory[k]
-            x = state.to_model_format(state.benchmark.prepare(m["x"], m["e"]))
+            x = state.model_input(m["x"], m["e"])
             with state.autocast():
                 loss = F.cross_entropy(state.model(x, m["t"]), m["y"])
             grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -47,11 +47,9 @@ def piece(samples: Experience, start: int, stop: int) -> Experience:
 
 
 def model_input(state: RunState, samples: Experience, train: bool = False) -> Tensor:
-    """Raw samples → the model's input, as the runner prepares a minibatch (the benchmark's
-    augmentation with ``train=True``, then the run's memory format)."""
-    x = state.benchmark.prepare(samples.x, samples.e, train=train)
-    to_format = getattr(state, "to_model_format", None)
-    return to_format(x) if to_format is not None else x
+    """Raw samples → the model's input, as the runner prepares a minibatch
+    (:meth:`RunState.model_input`)."""
+    return state.model_input(samples.x, samples.e, train=train)
 
 
 def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
