@@ -21,19 +21,65 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clrun.config import ConfigError
-from clrun.io import flatten, write_atomic
+from clrun.errors import ConfigError, RunFailure
+from clrun.io import RUN_MANAGEMENT_KEYS, flatten, write_atomic
 
 FILE = "checkpoint/state.pt"
-# Keys that may differ between a run and its resumption.
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
 # Keys under which a state holds random-generator states: ``load`` leaves them on the CPU, the
 # only device a ``torch.Generator.set_state`` or ``torch.set_rng_state`` takes them from.
 RNG_KEYS = ("generator", "rng", "gen_state")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RunFailure):
+    """A checkpoint that does not match its checksum (exit 4)."""
+
+
+def capture(
+    cfg: DictConfig,
+    state,
+    components,
+    recorder,
+    gen: torch.Generator,
+    work,
+    next_experience: int,
+    position: dict | None = None,
+) -> dict:
+    """The whole resumable state of a run: where it is (the next experience to train, and
+    ``position`` inside the current one), the model, optimiser, components, buffer, recorder,
+    random generators, benchmark state and the work so far."""
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "next_experience": next_experience,
+        "position": position,
+        "step": state.step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "components": components.state_dict(),
+        "buffer": state.buffer.state_dict() if state.buffer is not None else None,
+        "recorder": recorder.state_dict(),
+        "rng": rng_state(gen, state.device),
+        "benchmark": state.benchmark.state_dict(),
+        "work": vars(work),
+    }
+
+
+def restore(
+    saved: dict, state, components, recorder, gen: torch.Generator, work, make_optimizer
+) -> tuple[int, dict | None]:
+    """Undo :func:`capture` into the freshly built objects of a run; returns the experience to
+    continue with and the position inside it (None: its start)."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer = make_optimizer(state.model.parameters())
+    state.optimizer.load_state_dict(saved["optimizer"])
+    components.load_state_dict(saved["components"])
+    if state.buffer is not None:
+        state.buffer.load_state_dict(saved["buffer"])
+    recorder.load_state_dict(saved["recorder"])
+    restore_rng(saved["rng"], gen, state.device)
+    state.benchmark.load_state_dict(saved["benchmark"])
+    vars(work).update(saved["work"])
+    state.step = saved["step"]
+    return saved["next_experience"], saved["position"]
 
 
 def save(run_dir: Path, state: dict) -> None:
@@ -75,6 +121,12 @@ def load(run_dir: Path, device: torch.device) -> dict | None:
             "Delete the checkpoint folder to start the run afresh."
         )
     return to_device(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), device)
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The config of the run whose checkpoint is in ``run_dir`` ({} if it has none)."""
+    saved = load(run_dir, torch.device("cpu"))
+    return saved["config"] if saved is not None else {}
 
 
 def to_device(state, device: torch.device, rng: bool = False):

@@ -1,15 +1,19 @@
 """The ``clrun`` command: Hydra composes the config, :func:`clrun.run.run` runs it.
 
 The task function returns the final average accuracy so that Hydra sweepers (Optuna) can
-optimise it. User errors (a bad value, a mistyped key) exit with status 2 and one line on stderr;
-the run directory still gets a ``summary.json`` saying ``failed`` and why. ``summary.json``
-records the job's command-line overrides (``overrides``).
+optimise it. Exit statuses are those of :mod:`clrun.errors`: a config error (2) or a known
+runtime failure (4: a dataset that cannot be obtained, a corrupted checkpoint, a diverging loss,
+a run directory that cannot be written) prints one ``clrun: error: ...`` line, the traceback going
+to ``run.log`` and ``summary.json``; an unexpected error keeps Hydra's traceback (1). The run
+directory gets a ``summary.json`` saying ``failed`` and why, which records the job's command-line
+overrides (``overrides``). A single run whose run directory already holds a completed run of the
+same overrides is left untouched (exit 0) unless ``resume=false``.
 
 In a multirun (``-m``, or a sweeper preset) every job runs whatever the others do:
 
 - a job whose directory already holds a ``completed`` summary for the same overrides (ignoring
-  the run-management keys ``resume``, ``threads``, ``data_dir``, ``checkpoint``) is skipped, so
-  re-running a sweep command into the same ``hydra.sweep.dir`` only runs what is missing or
+  the run-management keys ``resume``, ``threads``, ``data_dir``, ``checkpoint``, ...) is skipped,
+  so re-running a sweep command into the same ``hydra.sweep.dir`` only runs what is missing or
   failed;
 - a failing job is recorded (``summary.json``: ``failed``) and logged, and returns None, which
   the Optuna sweeper records as a failed trial (NaN would crash optuna 2.10's ``tell``); the
@@ -34,10 +38,22 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from clrun.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILURE,
+)
+
 GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer")
-EXIT_CONFIG_ERROR = 2
-EXIT_INTERRUPTED = 3
-EXIT_JOBS_FAILED = 1
+# Hydra plugins the optional extras bring: (group, option prefix) → (plugin module, extra)
+PLUGINS = {
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "sweep"),
+    ("hydra/launcher", "submitit"): ("hydra_plugins.hydra_submitit_launcher", "sweep"),
+    ("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "sweep"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    ("hparams_search", ""): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+}
 
 log = logging.getLogger("clrun")
 
@@ -52,7 +68,7 @@ def config_dir() -> Path:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     _freeze_startup_objects()
-    from clrun.config import ConfigError
+    from clrun.errors import ConfigError, RunFailure
     from clrun.preemption import RunInterrupted
     from clrun.run import run
 
@@ -65,8 +81,9 @@ def _main(cfg: DictConfig) -> float | None:
         try:
             return run(cfg, run_dir, choices)["final_avg_acc"]
         except ConfigError as e:
-            print(f"clrun: error: {e}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG_ERROR)
+            _fail(str(e), EXIT_CONFIG_ERROR)
+        except RunFailure as e:
+            _fail(f"{e.line()} (details: {run_dir / 'run.log'})", EXIT_RUN_FAILURE)
         except RunInterrupted as e:
             print(f"clrun: {e}; checkpoint saved, continue with the same command", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
@@ -87,8 +104,14 @@ def _main(cfg: DictConfig) -> float | None:
         )
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
-        log.error("%s failed: %s: %s", job, type(e).__name__, e)
+        text = e.line() if isinstance(e, RunFailure) else " ".join(str(e).split())
+        log.error("%s failed: %s: %s", job, type(e).__name__, text)
         return None
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"clrun: error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 _frozen = False
@@ -112,13 +135,72 @@ def main() -> None:
     try:
         _main()
     except SystemExit as e:
-        # Hydra exits with 1 after its own message when composition fails; if an unknown key
-        # was the cause, add which keys exist (composing again only then: it costs ~0.1 s).
-        message = _check_override_keys(argv) if e.code == 1 else None
+        # Hydra exits with 1 after its own message when composition fails; if a missing plugin
+        # or an unknown key was the cause, say what to do (composing again only then: ~0.1 s).
+        message = (_missing_plugin(argv) or _check_override_keys(argv)) if e.code == 1 else None
         if message:
-            print(f"clrun: error: {message}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG_ERROR)
+            _fail(message, EXIT_CONFIG_ERROR)
         raise
+
+
+def _missing_plugin(argv: list[str]) -> str | None:
+    """``hydra/launcher=joblib`` (and the like) without the extra that installs the plugin."""
+    for arg in argv:
+        group, _, option = arg.partition("=")
+        for (g, prefix), (module, extra) in PLUGINS.items():
+            if group == g and option.startswith(prefix) and not _importable(module):
+                return (
+                    f"{arg} needs a Hydra plugin that is not installed ({module}): "
+                    f"pip install 'clrun[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+                )
+    return None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class RunDirectoryCheck(Callback):
+    """Hydra callback, before Hydra writes anything into the run directory: a single run whose
+    directory already holds a completed run of the same overrides is left untouched (exit 0;
+    ``resume=false`` runs it again), and a run or sweep directory that cannot be written is a
+    one-line error (exit 4)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        summary = _completed_summary(run_dir, list(config.hydra.overrides.task), quiet=True)
+        if summary is not None and config.get("resume", "auto") is not False:
+            acc = summary.get("final_avg_acc")
+            print(
+                f"clrun: {run_dir} already holds this completed run (final average accuracy "
+                f"{acc:.4f}); nothing to do. resume=false runs it again in place.",
+                file=sys.stderr,
+            )
+            sys.exit(0)
+        _check_writable(run_dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        _fail(
+            f"cannot write the run directory {folder}: {e.strerror or e}; "
+            f"choose another with {key}=PATH",
+            EXIT_RUN_FAILURE,
+        )
 
 
 class SweepOutcome(Callback):
@@ -138,17 +220,17 @@ class SweepOutcome(Callback):
             )
             for r in bad:
                 print(f"  {r.dir}: {r.status}{': ' + r.error if r.error else ''}", file=sys.stderr)
-            sys.exit(EXIT_JOBS_FAILED)
+            sys.exit(EXIT_FAILED)
 
 
 def _job_key(overrides: list[str]) -> list[str]:
     """What identifies a job: its overrides, less those that do not change its results."""
-    from clrun.report import RUN_MANAGEMENT_KEYS, top_key
+    from clrun.io import RUN_MANAGEMENT_KEYS, top_key
 
     return sorted(o for o in overrides if top_key(o) not in RUN_MANAGEMENT_KEYS)
 
 
-def _completed_summary(run_dir: Path, overrides: list[str]) -> dict | None:
+def _completed_summary(run_dir: Path, overrides: list[str], quiet: bool = False) -> dict | None:
     """The summary in ``run_dir`` if it records a completed run of the same overrides. Hydra has
     already rewritten ``.hydra/overrides.yaml`` for this job, so the summary's copy is compared."""
     from clrun.report import read_summary
@@ -156,9 +238,14 @@ def _completed_summary(run_dir: Path, overrides: list[str]) -> dict | None:
     summary = read_summary(run_dir)
     if not summary or summary.get("status") != "completed" or "overrides" not in summary:
         return None
+    if (summary.get("unlearning") or {}).get("reference") == "pending":
+        return None  # its comparison with the unlearning reference run is still to make
     if _job_key(summary["overrides"]) == _job_key(overrides):
         return summary
-    log.warning("%s holds a run of other overrides: %s", run_dir, " ".join(summary["overrides"]))
+    if not quiet:
+        log.warning(
+            "%s holds a run of other overrides: %s", run_dir, " ".join(summary["overrides"])
+        )
     return None
 
 

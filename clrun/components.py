@@ -14,12 +14,13 @@ hook                                called                                  retu
 ``replay(state, batch)``            each step, before the forward pass      the raw batch to train on
 ``loss(state, batch, x, out)``      each step, after the forward pass       the classification loss
                                                                             (default: cross-entropy;
-                                                                            the last one listed wins)
+                                                                            at most one component)
 ``penalty(state, batch, x, out)``   each step, after the forward pass       a loss term (or None)
 ``after_backward(state)``           between backward and optimiser step     the gradients in place
 ``after_step(state, batch, x, out)`` after the optimiser step               its own state
 ``post_update(state, exp)``         after training on an experience         its own state
-``predict(state, x, t)``            at evaluation, if present               logits to score
+``predict(state, x, t)``            at evaluation, if present               logits to score (at
+                                                                            most one component)
 ``forget(state, experiences)``      at an unlearning request, after the     what the component
                                     run's buffer lost those experiences'    derived from those
                                     samples                                 experiences
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 from clrun.benchmarks import Benchmark, Experience
+from clrun.errors import ConfigError
 from clrun.models import adapt_model, old_part
 
 HOOKS = (
@@ -92,7 +94,11 @@ class RunState:
         """The context the forward pass and losses run in (bf16 autocast or nothing)."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
-    def to_model_format(self, x: torch.Tensor) -> torch.Tensor:
+    def model_input(self, x: torch.Tensor, e: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Raw samples (``x`` in the benchmark's compact dtype, ``e`` their experiences) → the
+        model's input: the benchmark's preparation (normalisation, resizing, augmentation with
+        ``train``), in the run's memory format. The one way every component feeds the model."""
+        x = self.benchmark.prepare(x, e, train=train)
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -100,9 +106,14 @@ class RunState:
     extras: dict = field(default_factory=dict)
 
 
+# Hooks whose value replaces the runner's default: one component at most may provide each.
+SINGLE_PROVIDER_HOOKS = ("loss", "predict")
+
+
 class Components:
     """An ordered, named set of components with their hooks collected once (a component
-    without a hook costs nothing in the loop)."""
+    without a hook costs nothing in the loop). Two components that both provide ``loss`` (or
+    ``predict``) are a config error: one would silently replace the other."""
 
     def __init__(self, components: dict[str, object]):
         self.items = dict(components)
@@ -110,6 +121,22 @@ class Components:
             h: [getattr(c, h) for c in self.items.values() if callable(getattr(c, h, None))]
             for h in HOOKS
         }
+        for hook in SINGLE_PROVIDER_HOOKS:
+            names = [n for n, c in self.items.items() if callable(getattr(c, hook, None))]
+            if len(names) > 1:
+                raise ConfigError(
+                    f"strategy.components: {' and '.join(names)} both provide {hook}(); a strategy "
+                    f"may have one {hook} provider: remove one of them or combine them in one "
+                    "component"
+                )
+
+    def uses(self, buffer) -> bool:
+        """Whether a component keeps ``buffer`` (the run's replay memory)."""
+        return any(getattr(c, "buffer", None) is buffer for c in self.items.values())
+
+    def provider(self, hook: str):
+        """The one component method for ``hook`` (``loss``, ``predict``), or None."""
+        return self.hooks[hook][0] if self.hooks[hook] else None
 
     def __getitem__(self, hook: str) -> list:
         return self.hooks[hook]

@@ -32,16 +32,12 @@ from clrun.checks import (
     optional,
     probability_below_one,
 )
+from clrun.errors import ConfigError
 from clrun.models import HEADS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Keys the runner reads itself: never passed to a target's constructor.
 RUNNER_KEYS = {"optimizer": {"reset_each_experience"}}
-
-
-class ConfigError(ValueError):
-    """A user error in the configuration. The message names the key, the value and what is
-    allowed; the CLI prints it without a traceback."""
 
 
 # key → (check, what is allowed). Applied when the key exists in the composed config.

@@ -75,6 +75,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clrun.errors import RunFailure
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -165,8 +167,18 @@ CIFAR = {  # the official python archives; per-file md5s of the extracted batche
 Arrays = dict[str, np.ndarray]
 
 
-class DatasetUnavailableError(RuntimeError):
-    """Every source of a dataset failed; the message lists them and how to provide the data."""
+class DatasetUnavailableError(RunFailure):
+    """Every source of a dataset failed; the message lists them and how to provide the data
+    (``how_to``, what the console's one line shows)."""
+
+    def __init__(self, message: str, how_to: str = ""):
+        super().__init__(message)
+        self.how_to = how_to
+
+    def line(self) -> str:
+        first = str(self).split(";")[0]
+        how_to = " ".join(self.how_to.split())
+        return f"{first}: {how_to}"
 
 
 def require_torchvision(option: str):
@@ -356,7 +368,7 @@ def _first_working(name: str, sources: list, check: Callable, how_to: str):
         return result
     tried = "\n".join(failures)
     raise DatasetUnavailableError(
-        f"could not obtain dataset {name!r}; sources tried:\n{tried}\n{how_to}"
+        f"could not obtain dataset {name!r}; sources tried:\n{tried}\n{how_to}", how_to
     )
 
 

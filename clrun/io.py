@@ -1,4 +1,6 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename."""
+"""Atomic file writes (a temporary name in the same folder, then rename) and the config-key
+plumbing that the runner, the CLI and the reports share. Imports no torch: ``clrun-report`` stays
+quick."""
 
 from __future__ import annotations
 
@@ -8,9 +10,35 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from clrun.errors import OutputError
+
+# Top-level keys that do not change a run's results: they may differ between a run and its
+# resumption, and a sweep job is identified by its other overrides.
+RUN_MANAGEMENT_KEYS = (
+    "resume",
+    "threads",
+    "deterministic",
+    "data_dir",
+    "checkpoint",
+    "logger",
+    "plots",
+)
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all; a failure (permissions, a full disk) is an
+    :class:`~clrun.errors.OutputError` naming the file."""
     path = Path(path)
+    try:
+        _write_atomic(path, data)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {path}: {e.strerror or e}; free some space or choose a writable "
+            "run directory (hydra.run.dir=...)"
+        ) from e
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -42,3 +70,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
+
+
+def top_key(override: str) -> str:
+    """``+strategy.alpha=2`` → ``strategy``: the top-level key of a command-line override."""
+    return override.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]

@@ -68,13 +68,20 @@ class Recorder:
     """Collects evaluation rows and timings; writes metrics.jsonl and acc_matrix.csv as it goes
     (each rewrite is atomic, so a crash never leaves half a file)."""
 
-    def __init__(self, run_dir: Path, n_experiences: int):
+    def __init__(self, run_dir: Path, n_experiences: int, started: float | None = None):
         self.run_dir = Path(run_dir)
         self.T = n_experiences
         self.initial: list[dict] = []  # evaluation of the untrained model (FWT baseline)
         self.rows: list[list[dict]] = []  # rows[i][j]: after training through experience i
         self.timings: list[dict] = []  # per experience: train/eval seconds, steps, samples
         self.unlearned: list[dict] = []  # evaluations right after an unlearning request
+        self.started = started or time.perf_counter()  # when this process started the run
+        self.earlier_wall_s = 0.0  # wall time of the processes before a resume
+
+    @property
+    def wall_time_s(self) -> float:
+        """Seconds the run has taken so far, summed over the processes that resumed it."""
+        return self.earlier_wall_s + time.perf_counter() - self.started
 
     def record(self, trained_through: int, results: list[dict]) -> None:
         results = [
@@ -140,12 +147,19 @@ class Recorder:
             write_atomic(self.run_dir / "acc_matrix.csv", header + "\n" + body + "\n")
 
     def state_dict(self) -> dict:
-        return {"initial": self.initial, "rows": self.rows, "timings": self.timings,
-                "unlearned": self.unlearned}  # fmt: skip
+        return {
+            "initial": self.initial,
+            "rows": self.rows,
+            "timings": self.timings,
+            "unlearned": self.unlearned,
+            "wall_time_s": self.wall_time_s,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
         self.unlearned = state.get("unlearned", [])
+        self.earlier_wall_s = state.get("wall_time_s", 0.0)
+        self.started = time.perf_counter()
 
 
 class Work:
@@ -181,7 +195,7 @@ def current_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_summary(recorder: Recorder, t_start: float, device=None) -> dict:
+def run_summary(recorder: Recorder, device=None) -> dict:
     """The metrics and costs of a run so far, for summary.json."""
     import torch
 
@@ -193,7 +207,7 @@ def run_summary(recorder: Recorder, t_start: float, device=None) -> dict:
         **summarize(R, recorder.baseline),
         "experiences_done": len(R),
         "steps": sum(t["steps"] for t in timings),
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": recorder.wall_time_s,
         "train_time_s": train_s,
         "eval_time_s": sum(t["eval_s"] for t in timings),
         "samples_per_s": sum(t["samples"] for t in timings) / train_s if train_s else None,

@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clrun.io import write_atomic
+from clrun.io import RUN_MANAGEMENT_KEYS, top_key, write_atomic
 
-# Top-level keys that do not change a run's results (the runner's RUN_MANAGEMENT_KEYS, which
-# may differ between a run and its resumption; kept here so that the report does not load torch).
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
 NOT_A_GROUP_KEY = ("seed", "hydra", *RUN_MANAGEMENT_KEYS)
 METRICS = {  # summary.json field → column title
     "final_avg_acc": "final avg acc",
@@ -73,11 +70,6 @@ class Run:
     def acc_matrix(self) -> np.ndarray | None:
         path = self.dir / "acc_matrix.csv"
         return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2) if path.exists() else None
-
-
-def top_key(override: str) -> str:
-    """The top-level key or group of an override: ``+strategy.alpha=2`` → ``strategy``."""
-    return override.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -2,6 +2,10 @@
 experience train, let the strategy's components do their part, evaluate on the whole test stream,
 and checkpoint. Components are called at the hooks listed in :mod:`clrun.components`; nothing in
 this file knows any method by name.
+
+:func:`run` is the entry point (the CLI and the tests call it); :func:`train` is the loop. With
+continual unlearning, :func:`run` also trains the reference run after it (see
+:mod:`clrun.unlearning`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import logging
 import math
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,30 +25,55 @@ from tqdm import tqdm
 from clrun import checkpoint, plots, unlearning
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
-from clrun.config import ConfigError, build, resolve_device, set_deterministic, validate
-from clrun.io import flatten, write_json
+from clrun.config import build, resolve_device, set_deterministic, validate
+from clrun.errors import TrainingDiverged
+from clrun.io import flatten
 from clrun.loggers import NoLogger
-from clrun.metrics import Recorder, Work, run_summary
-from clrun.preemption import RunInterrupted, StopSignal
+from clrun.metrics import Recorder, Work
+from clrun.outcome import Outcome, closing_lines, run_title
+from clrun.preemption import StopSignal
 
 log = logging.getLogger("clrun")
 
 
-def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = None) -> dict:
-    """Run one experiment into ``run_dir``; return its summary. A failure or an interruption is
-    written to ``summary.json`` (``status: failed`` / ``interrupted``) before it propagates."""
-    run_dir, t_start = Path(run_dir), time.perf_counter()
-    summary: dict = {"status": "running", **(choices or {}), "seed": cfg.get("seed")}
-    recorder, stop, logger = None, None, NoLogger()
-    try:
+def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> dict:
+    """Run one experiment into ``run_dir`` and return its summary.
+
+    A run directory that already holds a completed run is left as it is (its summary is
+    returned) unless ``resume=false``. With continual unlearning and ``unlearning.reference:
+    auto``, the reference run (the same config, never trained on the forgotten experiences)
+    follows in ``<run_dir>/reference`` and the two final models are compared."""
+    run_dir = Path(run_dir)
+    done = Outcome.completed(run_dir) if cfg.get("resume", "auto") is not False else None
+    if done is not None:  # the same config, or a one-line error that leaves the run as it is
+        checkpoint.check_same_config(checkpoint.saved_config(run_dir), cfg)
+    else:
+        done = train(cfg, run_dir, choices)
+    reference = unlearning.reference_dir(cfg, run_dir, done)
+    if reference is not None:
+        if cfg.unlearning.reference == "auto" and Outcome.completed(reference) is None:
+            log.info("training the reference model (no forgotten experiences) in %s", reference)
+            train(unlearning.reference_config(cfg), reference, choices)
+        done = unlearning.compare_with_reference(cfg, run_dir, reference)
+    log.info(closing_lines(done, run_dir))
+    return done
+
+
+def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
+    """The loop: train on every experience of the stream, evaluate after each, checkpoint.
+    A failure or an interruption is written to ``summary.json`` before it propagates."""
+    outcome = Outcome(run_dir, choices, cfg.get("seed"))
+    with outcome:
+        # --- settings: validate everything before building anything ---
         validate(cfg)
         device = resolve_device(cfg.device)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         set_deterministic(bool(cfg.get("deterministic")))
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)  # minibatch order
+        gen = torch.Generator().manual_seed(cfg.seed)  # the minibatch order
 
+        # --- build: benchmark, model, buffer, strategy components, optimiser ---
         benchmark = build(cfg.benchmark, "benchmark").to(device)
         shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
         model = build(cfg.model, "model", **shape).to(device)
@@ -54,141 +82,150 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         if cfg.get("compile"):
             model.compile()  # in place: state_dict keys and deepcopy stay as they are
         buffer = build(cfg.buffer, "buffer", seed=cfg.seed) if cfg.get("buffer") else None
-        components = Components({
-            name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
-            for name, node in (cfg.strategy.get("components") or {}).items() if node is not None
-        })  # fmt: skip
-        uses_buffer = any(getattr(c, "buffer", None) is buffer for c in components.items.values())
-        if not uses_buffer:
-            summary["buffer"] = None  # configured but used by no component
+        components = Components(
+            {
+                name: build(node, f"strategy.components.{name}", buffer=buffer, seed=cfg.seed)
+                for name, node in (cfg.strategy.get("components") or {}).items()
+                if node is not None
+            }
+        )
+        if buffer is not None and not components.uses(buffer):
+            outcome.buffer_unused(cfg)  # an override of it is an error or a warning
+            buffer = None
         plan = unlearning.plan(cfg, len(benchmark.test_stream), components)
         make_optimizer = build(cfg.optimizer, "optimizer")
         s = cfg.strategy
-        state = RunState(model, benchmark, device, batch_size=s.batch_size,
-                         precision=cfg.get("precision", "fp32"),
-                         channels_last=bool(cfg.get("channels_last")),
-                         buffer=buffer if uses_buffer else None,
-                         lr_schedule=build(cfg.lr_schedule, "lr_schedule") if cfg.get("lr_schedule") else None)  # fmt: skip
+        state = RunState(
+            model,
+            benchmark,
+            device,
+            batch_size=s.batch_size,
+            precision=cfg.get("precision", "fp32"),
+            channels_last=bool(cfg.get("channels_last")),
+            buffer=buffer,
+            lr_schedule=build(cfg.lr_schedule, "lr_schedule") if cfg.get("lr_schedule") else None,
+        )
         state.optimizer = make_optimizer(model.parameters())
-        recorder = Recorder(run_dir, len(benchmark.test_stream))  # one column per test experience
+        # one column per test experience; wall time counted from the start of this process
+        recorder = outcome.recorder = Recorder(run_dir, len(benchmark.test_stream), outcome.t0)
         work = Work()  # steps, samples, seconds since the last evaluation
-        every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
+        logger = NoLogger()
         if cfg.get("logger"):  # the config goes flat: no nested _target_ for Hydra to build
             config = flatten(OmegaConf.to_container(cfg, resolve=True))
             logger = build(cfg.logger, "logger", run_dir=str(run_dir), run_config=config)
+        outcome.logger = logger
 
         def save(next_experience: int, position: dict | None = None) -> None:
-            checkpoint.save(run_dir, {
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "next_experience": next_experience, "position": position, "step": state.step,
-                "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "components": components.state_dict(), "recorder": recorder.state_dict(),
-                "buffer": buffer.state_dict() if buffer is not None else None,
-                "rng": checkpoint.rng_state(gen, device),
-                "benchmark": benchmark.state_dict(), "work": vars(work),
-            })  # fmt: skip
+            saved = checkpoint.capture(
+                cfg, state, components, recorder, gen, work, next_experience, position
+            )
+            checkpoint.save(run_dir, saved)
 
+        # --- resume from a checkpoint, or evaluate the untrained model (the FWT baseline) ---
         start, position = 0, None
         saved = checkpoint.load_for_resume(cfg, run_dir, device)
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            state.optimizer = make_optimizer(model.parameters())
-            state.optimizer.load_state_dict(saved["optimizer"])
-            components.load_state_dict(saved["components"])
-            if buffer is not None:
-                buffer.load_state_dict(saved["buffer"])
-            recorder.load_state_dict(saved["recorder"])
-            checkpoint.restore_rng(saved["rng"], gen, device)
-            benchmark.load_state_dict(saved["benchmark"])
-            vars(work).update(saved["work"])
-            state.step, start, position = saved["step"], saved["next_experience"], saved["position"]
-            log.info("resumed from %s at experience %d, step %d", checkpoint.FILE, start, state.step)  # fmt: skip
+            start, position = checkpoint.restore(
+                saved, state, components, recorder, gen, work, make_optimizer
+            )
+            where = f"experience {start}, step {state.step}"
+            log.info("resumed from %s at %s", checkpoint.FILE, where)
         else:
             recorder.record(-1, evaluate(state, components, s.eval_batch_size))
 
-        stop = StopSignal()  # from here on, SIGTERM/SIGINT finish the step and checkpoint
+        # --- from here on, SIGTERM / SIGINT finish the step, checkpoint and stop ---
+        stop = outcome.stop = StopSignal()
+        every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
 
         def on_step(where: Callable[[], dict]) -> None:
             if stop.requested or (every_n and state.step % every_n == 0):
                 save(state.experience, where())
                 stop.hand_over()  # if a signal came
 
-        def learn(exp: Experience, position: dict | None) -> None:
-            data = exp
-            for hook in components["train_data"]:
-                data = hook(state, data)
-            if position is None:  # not resuming inside this experience
-                for hook in components["pre_update"]:
-                    hook(state, exp)
-                reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience", False)
-                state.optimizer = adapt(model, data, state.optimizer, make_optimizer, reset)
-                state.reset_optimizer = False
-            t0 = time.perf_counter()
-            steps, samples, losses = train_experience(state, data, components, gen, s, on_step, position)  # fmt: skip
-            for hook in components["post_update"]:
-                hook(state, exp)
-            work.add(steps, samples, losses, time.perf_counter() - t0)
-            logger.log_steps(state.step - steps, losses)
-
+        # --- the stream: train on each experience, evaluate, checkpoint ---
         for exp in benchmark.train_stream[start:]:
             state.experience = exp.index
-            if benchmark.origin(exp.index) not in plan.exclude:
-                learn(exp, position)
-            else:  # a reference run: the units exist, never trained
+            if benchmark.origin(exp.index) in plan.exclude:
+                # a reference run: the experience's units exist but are never trained
                 state.optimizer = adapt(model, exp, state.optimizer, make_optimizer)
+            else:
+                data = exp
+                for hook in components["train_data"]:
+                    data = hook(state, data)
+                if position is None:  # not resuming inside this experience
+                    for hook in components["pre_update"]:
+                        hook(state, exp)
+                    reset = state.reset_optimizer or cfg.optimizer.get("reset_each_experience")
+                    state.optimizer = adapt(model, data, state.optimizer, make_optimizer, reset)
+                    state.reset_optimizer = False
+                t0 = time.perf_counter()
+                steps, samples, losses = train_experience(
+                    state, data, components, gen, s, on_step, position
+                )
+                for hook in components["post_update"]:
+                    hook(state, exp)
+                work.add(steps, samples, losses, time.perf_counter() - t0)
+                logger.log_steps(state.step - steps, losses)
             position = None
+
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
-                i, t1 = benchmark.origin(exp.index), time.perf_counter()
+                i = benchmark.origin(exp.index)
+                t0 = time.perf_counter()
                 results = evaluate(state, components, s.eval_batch_size)
-                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t1)
+                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0)
                 recorder.record(i, results)
                 logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
                 log.info(recorder.progress(i))
                 if plan.active and i in plan.requests:
-                    unlearning.handle_request(state, components, recorder, i, plan.requests[i],
-                                              lambda: evaluate(state, components, s.eval_batch_size))  # fmt: skip
+
+                    def evaluate_now() -> list[dict]:
+                        return evaluate(state, components, s.eval_batch_size)
+
+                    forget = plan.requests[i]
+                    unlearning.handle_request(state, components, recorder, i, forget, evaluate_now)
             save(exp.index + 1)
             stop.hand_over()
 
-        summary.update(status="completed", **run_summary(recorder, t_start, device))
-        summary.update(unlearning.summary(plan, recorder, components))
-        write_json(run_dir / "summary.json", summary)
-        title = f"{summary.get('strategy')} on {summary.get('benchmark')} ({summary.get('model')}), seed {cfg.seed}"  # fmt: skip
-        plots.plot_run(run_dir, recorder.acc_matrix, title)
-        if plan.active:  # after the results are safe on disk; a reference run traps signals itself
-            stop.restore()
-            unlearning.finish(cfg, plan, run_dir, choices, state, recorder, summary, title)
+        # --- the results: summary.json, plots, the closing lines ---
+        summary = outcome.complete(device, unlearning.summary(plan, recorder, components))
+        plots.plot_run(run_dir, recorder.acc_matrix, run_title(summary))
+        if plan.active:
+            unlearning.plot(run_dir, recorder, summary)
         logger.close(summary)
         return summary
-    except BaseException as e:
-        _write_failure(run_dir, summary, e, recorder, t_start)
-        logger.close(summary)
-        raise
-    finally:
-        if stop is not None:
-            stop.restore()
 
 
-def train_experience(state: RunState, data: Experience, components: Components,
-                     gen: torch.Generator, s: DictConfig, on_step: Callable,
-                     resume_at: dict | None = None) -> tuple[int, int, torch.Tensor]:  # fmt: skip
+def train_experience(
+    state: RunState,
+    data: Experience,
+    components: Components,
+    gen: torch.Generator,
+    s: DictConfig,
+    on_step: Callable,
+    resume_at: dict | None = None,
+) -> tuple[int, int, torch.Tensor]:
     """Train on one experience: ``s.epochs`` passes over ``data`` in seeded random order, or
     exactly ``s.iterations`` minibatch steps if set. ``resume_at`` continues a checkpointed
     position inside the experience. Returns (steps, samples seen, the loss of every step)."""
     n, bs, model, device = len(data), s.batch_size, state.model, state.device
     if n == 0:
         return 0, 0, torch.zeros(0)
-    total = s.iterations or s.epochs * math.ceil(n / bs)
-    loss_fn = components["loss"][-1] if components["loss"] else _cross_entropy
+    steps_per_epoch = math.ceil(n / bs)
+    total = s.iterations or s.epochs * steps_per_epoch
+    loss_fn = components.provider("loss") or _cross_entropy
     losses = torch.zeros(total, device=device)  # read once, at the end: no per-step host sync
     step, samples = (resume_at["step"], resume_at["samples"]) if resume_at else (0, 0)
     if resume_at:
         losses[:step] = resume_at["losses"]
     model.train()
-    bar = tqdm(total=total, initial=step, desc=f"experience {data.index}", disable=not sys.stderr.isatty(), leave=False)  # fmt: skip
+    quiet = not sys.stderr.isatty()
+    bar = tqdm(
+        total=total, initial=step, desc=f"experience {data.index}", disable=quiet, leave=False
+    )
     while step < total:
-        if state.lr_schedule is not None:  # this epoch's learning rate
-            state.lr_schedule.apply(state.optimizer, step // math.ceil(n / bs))
+        # --- an epoch: its learning rate and its seeded order ---
+        if state.lr_schedule is not None:
+            state.lr_schedule.apply(state.optimizer, step // steps_per_epoch)
         epoch_start = resume_at["gen_state"] if resume_at else gen.get_state()
         gen.set_state(epoch_start)
         order = torch.randperm(n, generator=gen).to(device, non_blocking=True)
@@ -196,10 +233,11 @@ def train_experience(state: RunState, data: Experience, components: Components,
         for i in range(first, n, bs):
             if step == total:
                 break
+            # --- one step: replay mix → forward → loss + penalties → backward → step ---
             batch = data.subset(order[i : i + bs])
             for hook in components["replay"]:
                 batch = hook(state, batch)
-            x = state.to_model_format(state.benchmark.prepare(batch.x, batch.e, train=True))
+            x = state.model_input(batch.x, batch.e, train=True)
             with state.autocast():
                 out = model(x, batch.t)
                 loss = loss_fn(state, batch, x, out)
@@ -214,27 +252,34 @@ def train_experience(state: RunState, data: Experience, components: Components,
             state.optimizer.step()
             for hook in components["after_step"]:
                 hook(state, batch, x, out)
+
+            # --- bookkeeping: the step's loss, the progress bar, a checkpoint if one is due ---
             losses[step] = loss.detach()
             step, samples, state.step = step + 1, samples + len(batch), state.step + 1
             bar.update()
-            on_step(lambda g=epoch_start, i=i, step=step, samples=samples: {
-                "gen_state": g, "offset": i + bs, "step": step, "samples": samples,
-                "losses": losses[:step].clone()})  # fmt: skip
+
+            def position(g=epoch_start, i=i, step=step, samples=samples) -> dict:
+                done = losses[:step].clone()
+                return {
+                    "gen_state": g,
+                    "offset": i + bs,
+                    "step": step,
+                    "samples": samples,
+                    "losses": done,
+                }
+
+            on_step(position)
     bar.close()
-    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()  # one host sync
-    if bad:
-        raise FloatingPointError(
-            f"the training loss became {losses[bad[0]].item()} at step {state.step - total + bad[0] + 1}"
-            f" of the run (experience {data.index}); lower optimizer.lr or check the data"
-        )
+    _check_finite(losses, state.step - total, data.index)
     return step, samples, losses
 
 
 @torch.inference_mode()
 def evaluate(state: RunState, components: Components, batch_size: int) -> list[dict]:
-    """Accuracy and mean loss on every test experience (counts stay on the device until the end)."""
-    model, prepare = state.model, state.benchmark.prepare
-    predict = components["predict"][-1] if components["predict"] else None
+    """Accuracy and mean loss on every test experience (counts stay on the device until the
+    end). A component's ``predict`` replaces the model's logits."""
+    model = state.model
+    predict = components.provider("predict")
     was_training = model.training
     model.eval()
     sums = []
@@ -242,7 +287,7 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
         correct = torch.zeros((), device=state.device)
         loss = torch.zeros((), device=state.device)
         for i in range(0, len(exp), batch_size):
-            x = state.to_model_format(prepare(exp.x[i : i + batch_size], exp.e[i : i + batch_size]))
+            x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
             y, t = exp.y[i : i + batch_size], exp.t[i : i + batch_size]
             with state.autocast():
                 out = predict(state, x, t) if predict else model(x, t)
@@ -257,16 +302,14 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
     ]
 
 
-def _write_failure(run_dir: Path, summary: dict, e: BaseException, recorder: Recorder | None,
-                   t_start: float) -> None:  # fmt: skip
-    """``summary.json`` of a run that failed or stopped: its error and the metrics it had."""
-    stopped = isinstance(e, RunInterrupted | KeyboardInterrupt)
-    summary.update(status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}")
-    if not isinstance(e, ConfigError) and not stopped:
-        summary["traceback"] = traceback.format_exc()
-    if recorder is not None and recorder.rows:
-        summary.update(run_summary(recorder, t_start))
-    write_json(run_dir / "summary.json", summary)
+def _check_finite(losses: torch.Tensor, first_step: int, experience: int) -> None:
+    """A NaN or infinite loss stops the run (one host sync per experience)."""
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+    if bad:
+        raise TrainingDiverged(
+            f"the training loss became {losses[bad[0]].item()} at step {first_step + bad[0] + 1}"
+            f" of the run (experience {experience}); lower optimizer.lr or check the data"
+        )
 
 
 def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):

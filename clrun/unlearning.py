@@ -14,7 +14,7 @@ Config (``unlearning`` in ``conf/config.yaml``):
 - ``disable``: run the same config but skip the requests (the model that never unlearned).
 - ``exclude``: experiences never trained on (the model still grows their output units, which keep
   their initial values; evaluation still runs after them); the reference run uses it.
-- ``reference``: ``auto`` trains, after the run, the reference model that never saw the forgotten
+- ``reference``: ``auto`` trains, after the run (:func:`clrun.run.run` drives it), the reference model that never saw the forgotten
   experiences: the same config with ``exclude`` = every forgotten experience, in
   ``<run_dir>/reference`` (resumable like any run); a path uses that run directory instead;
   ``null`` skips the comparison.
@@ -49,6 +49,7 @@ from clrun.checks import Rule, boolean, is_int, require
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build
 from clrun.io import write_json
+from clrun.metrics import Recorder
 
 REFERENCE_DIR = "reference"
 log = logging.getLogger("clrun")
@@ -70,8 +71,9 @@ class Plan:
         return sorted({j for js in self.requests.values() for j in js})
 
 
-def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
-    """The checked ``unlearning`` config of a run over ``n_experiences`` experiences."""
+def plan(cfg: DictConfig, n_experiences: int, components: Components | None = None) -> Plan:
+    """The checked ``unlearning`` config of a run over ``n_experiences`` experiences (and, given
+    the run's ``components``, whether its strategy can unlearn)."""
     node = cfg.get("unlearning")
     if node is None:
         return Plan()
@@ -115,7 +117,7 @@ def plan(cfg: DictConfig, n_experiences: int, components: Components) -> Plan:
     )
     reference = require("unlearning.reference", node.get("reference"), run_dir, ConfigError)
     p = Plan(requests, {int(j) for j in exclude}, disabled, reference)
-    if p.active:
+    if p.active and components is not None:
         _check_components(components, requests)
         if reference not in (None, "auto"):
             load_reference(reference, p)  # fail now, not after training
@@ -168,17 +170,56 @@ def handle_request(state: RunState, components: Components, recorder, after: int
     log.info("after experience %d: forgot experiences %s", after + 1, experiences)
 
 
-def finish(cfg: DictConfig, p: Plan, run_dir: Path, choices: dict | None, state: RunState,
-           recorder, summary: dict, title: str) -> None:  # fmt: skip
-    """At the end of a run with requests: the comparison with the reference run (trained now if
-    ``reference: auto``) into ``summary.json``, and ``unlearning.png``."""
-    from clrun import plots
+def reference_dir(cfg: DictConfig, run_dir: Path, summary: dict) -> Path | None:
+    """The reference run that the completed run in ``run_dir`` (its ``summary``) still has to be
+    compared with: ``<run_dir>/reference`` for ``reference: auto`` (trained by the caller if it
+    is not there yet), the given path, or None."""
+    if (summary.get("unlearning") or {}).get("reference") != "pending":
+        return None
+    reference = cfg.unlearning.reference
+    return Path(run_dir) / REFERENCE_DIR if reference == "auto" else Path(reference)
 
-    if p.reference is not None:
-        summary["unlearning"]["reference"] = against_reference(cfg, p, run_dir, choices, state,
-                                                               recorder)  # fmt: skip
-        write_json(Path(run_dir) / "summary.json", summary)
-    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], title)
+
+def compare_with_reference(cfg: DictConfig, run_dir: Path, reference: Path) -> dict:
+    """Compare the final model of the completed run in ``run_dir`` with the completed reference
+    run's: ``summary.json``'s ``unlearning.reference`` (see the module docstring) and
+    ``unlearning.png``. Both models are rebuilt from their checkpoints."""
+    from clrun.config import resolve_device
+
+    device = resolve_device(cfg.device)
+    benchmark = build(cfg.benchmark, "benchmark").to(device)
+    p = plan(cfg, len(benchmark.test_stream))
+    ours, theirs = checkpoint.load(Path(run_dir), device), load_reference(reference, p)
+    shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
+    models = []
+    for saved in (ours, theirs):
+        model = build(cfg.model, "model", **shape).to(device)
+        model.load_state_dict(saved["model"])  # dynamic heads take the saved size
+        models.append(model)
+    state = RunState(models[0], benchmark, device, batch_size=cfg.strategy.batch_size,
+                     precision=cfg.get("precision", "fp32"),
+                     channels_last=bool(cfg.get("channels_last")))  # fmt: skip
+    recorder = Recorder(Path(run_dir), len(benchmark.test_stream))
+    recorder.load_state_dict(ours["recorder"])
+    final = [r["acc"] for r in recorder.final()]
+    reference_final = [r["acc"] for r in theirs["recorder"]["rows"][-1]]
+    batch_size = int(OmegaConf.select(cfg, "strategy.eval_batch_size") or 1000)
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary["unlearning"]["reference"] = {
+        "run_dir": str(reference),
+        **compare(state, models[1], p.forgotten, final, reference_final, batch_size),
+    }
+    write_json(Path(run_dir) / "summary.json", summary)
+    plot(run_dir, recorder, summary)
+    return summary
+
+
+def plot(run_dir: Path, recorder, summary: dict) -> None:
+    """``unlearning.png``: the accuracy timeline with the requests, and the reference's."""
+    from clrun import plots
+    from clrun.outcome import run_title
+
+    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], run_title(summary))
 
 
 def summary(p: Plan, recorder, components: Components) -> dict:
@@ -207,6 +248,8 @@ def summary(p: Plan, recorder, components: Components) -> dict:
         trained = set(range(len(recorder.rows))) - p.exclude
         block["forgotten"] = sorted(forgotten)
         block.update(_accuracies(recorder.final(), forgotten, trained, "", prefix="final_"))
+    if p.active and p.reference is not None:
+        block["reference"] = "pending"  # compare_with_reference fills it in
     out["unlearning"] = block
     return out
 
@@ -220,26 +263,6 @@ def _accuracies(results: list[dict], forgotten: set[int], trained: set[int], suf
     }
 
 
-def against_reference(cfg: DictConfig, p: Plan, run_dir: Path, choices: dict | None,
-                      state: RunState, recorder) -> dict:  # fmt: skip
-    """Run (``reference: auto``) or load the reference run and compare our final model with it."""
-    path = Path(p.reference) if p.reference != "auto" else Path(run_dir) / REFERENCE_DIR
-    if p.reference == "auto":
-        from clrun.run import run  # the runner imports this module
-
-        log.info("training the reference model without experiences %s in %s", p.forgotten, path)
-        run(reference_config(cfg, p), path, choices)
-    saved = load_reference(path, p)
-    shape = {"input_shape": state.benchmark.input_shape, "n_classes": state.benchmark.n_classes}
-    reference = build(cfg.model, "model", **shape).to(state.device)
-    reference.load_state_dict(saved["model"])  # dynamic heads take the reference's size
-    reference_final = [r["acc"] for r in saved["recorder"]["rows"][-1]]
-    final = [r["acc"] for r in recorder.final()]
-    batch_size = int(OmegaConf.select(cfg, "strategy.eval_batch_size") or 1000)
-    return {"run_dir": str(path),
-            **compare(state, reference, p.forgotten, final, reference_final, batch_size)}  # fmt: skip
-
-
 def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
@@ -249,7 +272,7 @@ def compare(state: RunState, reference: torch.nn.Module, forgotten: list[int],
             final: list[float], reference_final: list[float], batch_size: int) -> dict:  # fmt: skip
     """Our final model against the reference: accuracy difference per test experience, and on each
     forgotten experience's test data the JS divergence and prediction agreement."""
-    model, prepare = state.model, state.benchmark.prepare
+    model = state.model
     was_training = model.training
     model.eval(), reference.eval()
     distance = {}
@@ -258,7 +281,7 @@ def compare(state: RunState, reference: torch.nn.Module, forgotten: list[int],
         js = torch.zeros((), dtype=torch.float64, device=state.device)
         agree = torch.zeros((), dtype=torch.float64, device=state.device)
         for i in range(0, len(exp), batch_size):
-            x = state.to_model_format(prepare(exp.x[i : i + batch_size], exp.e[i : i + batch_size]))
+            x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
             t = exp.t[i : i + batch_size]
             with state.autocast():
                 a, b = model(x, t).float(), reference(x, t).float()
@@ -284,12 +307,19 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl(log_p) + kl(log_q))).clamp(min=0)
 
 
-def reference_config(cfg: DictConfig, p: Plan) -> DictConfig:
-    """The config of the reference run: the same, never training on the forgotten experiences."""
+def reference_config(cfg: DictConfig) -> DictConfig:
+    """The config of the reference run: the same, never training on the forgotten experiences
+    (those of every request, and those the run already excludes)."""
+    requests = OmegaConf.to_container(cfg.unlearning.requests, resolve=True) or {}
+    forgotten = {j for js in requests.values() for j in ([js] if isinstance(js, int) else js)}
     ref = copy.deepcopy(cfg)
     OmegaConf.set_struct(ref, False)
-    ref.unlearning = {"requests": {}, "disable": False, "reference": None,
-                      "exclude": sorted(set(p.forgotten) | p.exclude)}  # fmt: skip
+    ref.unlearning = {
+        "requests": {},
+        "disable": False,
+        "reference": None,
+        "exclude": sorted(forgotten | set(cfg.unlearning.get("exclude") or [])),
+    }
     return ref
 
 

@@ -56,6 +56,7 @@ def run_debug(tmp_path: Path):
     def _run(*overrides: str, run_dir: Path | None = None):
         run_dir = run_dir or tmp_path / f"run{next(counter)}"
         cfg, choices = compose_with_choices("debug=default", *overrides)
+        choices["overrides"] = ["debug=default", *overrides]  # as the CLI records them
         return run(cfg, run_dir, choices), run_dir
 
     return _run

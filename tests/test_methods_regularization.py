@@ -204,7 +204,7 @@ def test_mas_importance_per_group_of_samples_as_the_agem_authors():
         (i, i + 1, per_sample) for i in range(25)
     ]:
         b = exp.subset(torch.arange(lo, hi))
-        out = state.model(state.benchmark.prepare(b.x, b.e), b.t)
+        out = state.model(state.model_input(b.x, b.e), b.t)
         for n, g in zip(params, torch.autograd.grad(out.pow(2).sum(), list(params.values())),
                         strict=True):  # fmt: skip
             into[n] += g.abs()
@@ -274,7 +274,7 @@ def test_path_integral_uses_the_gradient_of_the_loss_without_the_own_penalty(mak
         for p in state.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = exp1.subset(torch.arange(16))
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     out = state.model(x, batch.t)
     ce = F.cross_entropy(out, batch.y)
     named = dict(state.model.named_parameters())
@@ -340,7 +340,7 @@ def test_state_dict_round_trip_gives_identical_penalties(make):
     copy = make()
     copy.load_state_dict(round_trip(component))
     batch = exp1.subset(torch.arange(32))
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     out = state.model(x, batch.t)
     assert torch.equal(component.penalty(state, batch, x, out), copy.penalty(state, batch, x, out))
     component.post_update(state, exp1)  # the rest of the experience's state round-tripped too
@@ -479,9 +479,7 @@ def test_memory_round_trip_gives_identical_projection(make):
     copy = make(patterns_per_experience=20)
     copy.load_state_dict(round_trip(component))
     batch = exp1.subset(torch.arange(16))
-    F.cross_entropy(
-        state.model(state.benchmark.prepare(batch.x, batch.e), batch.t), batch.y
-    ).backward()
+    F.cross_entropy(state.model(state.model_input(batch.x, batch.e), batch.t), batch.y).backward()
     params = list(state.model.parameters())
     grads = [p.grad.clone() for p in params]
     projected = []
@@ -581,7 +579,7 @@ def test_lwf_distillation_targets_by_hand(units, weighting, kl, loss_weight):
         for p in state.model.head.parameters():
             p.zero_()
     batch = exp1.subset(torch.arange(8))
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     out = state.model(x, batch.t)
     assert math.isclose(float(lwf.penalty(state, batch, x, out).detach()), kl, abs_tol=1e-6)
     if loss_weight is not None:  # CE over the 4 units grown so far: log 4
@@ -602,7 +600,7 @@ def test_lwf_current_classes_survive_a_checkpoint():
     assert copy.current_classes == exp1.classes and copy.old_classes == exp0.classes
     state.experience = 1
     batch = exp1.subset(torch.arange(8))
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     out = state.model(x, batch.t)
     assert torch.equal(lwf.penalty(state, batch, x, out), copy.penalty(state, batch, x, out))
 
@@ -628,7 +626,7 @@ def test_lwf_seen_units_are_the_old_ones_outside_class_incremental(scenario, hea
             for p in state.model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         batch = exp1.subset(torch.arange(8))
-        x = state.benchmark.prepare(batch.x, batch.e)
+        x = state.model_input(batch.x, batch.e)
         terms.append(lwf.penalty(state, batch, x, state.model(x, batch.t)))
     assert float(terms[0].detach()) > 0 and torch.equal(terms[0], terms[1])
 
@@ -644,7 +642,7 @@ def test_ewc_predicted_fisher_is_the_empirical_fisher_of_the_models_own_labels(s
     adapt_model(state.model, exp)
     predicted = EWC(fisher="predicted", fisher_samples=50)._fisher(state, exp)
     with torch.no_grad():
-        y = state.model(state.benchmark.prepare(exp.x, exp.e), exp.t).argmax(1)
+        y = state.model(state.model_input(exp.x, exp.e), exp.t).argmax(1)
     relabelled = Experience(exp.index, exp.x, y, exp.t, exp.e)
     assert not torch.equal(y, exp.y)  # the untrained model's labels are not the data's
     empirical = EWC(fisher="empirical", fisher_samples=50)._fisher(state, relabelled)

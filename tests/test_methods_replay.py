@@ -127,7 +127,7 @@ def step(state: RunState, component, batch: Experience) -> torch.Tensor:
     """One training step with the hooks a component has, as the runner makes it."""
     if hasattr(component, "replay"):
         batch = component.replay(state, batch)
-    x = state.benchmark.prepare(batch.x, batch.e, train=True)
+    x = state.model_input(batch.x, batch.e, train=True)
     out = state.model(x, batch.t)
     loss = (
         component.loss(state, batch, x, out)
@@ -307,7 +307,7 @@ def test_icarl_class_means_come_from_herded_exemplars_and_drive_predict():
     icarl.post_update(state, exp)
     assert torch.bincount(icarl.memory.data["y"], minlength=2)[exp.classes].tolist() == [10, 10]
     assert icarl.has_mean[exp.classes].all() and icarl.has_mean.sum() == 2
-    x = state.benchmark.prepare(exp.x, exp.e)
+    x = state.model_input(exp.x, exp.e)
     with torch.no_grad():
         f = F.normalize(state.model.backbone(x), dim=1)
         pred = icarl.predict(state, x, exp.t).argmax(1)
@@ -328,7 +328,7 @@ def test_icarl_loss_distils_old_classes_with_sigmoid_targets():
     icarl.post_update(state, exp0)  # teacher = current model, old classes = exp0's
     icarl.train_data(state, exp1)
     batch = exp1.subset(torch.arange(4))
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     out = torch.randn(4, 10)
     with torch.no_grad():
         old = torch.sigmoid(state.model(x, batch.t))
@@ -444,7 +444,7 @@ def test_xder_fills_its_memory_class_balanced_and_rewrites_past_logits():
     # where they exceed it ("future-past")
     samples = xder.memory.samples(torch.arange(6))
     with torch.no_grad():
-        now = state.model(state.benchmark.prepare(samples.x, samples.e), samples.t)
+        now = state.model(state.model_input(samples.x, samples.e), samples.t)
     later = [c for c in range(10) if c not in exp0.classes]
     gt = before[kept].gather(1, samples.y.unsqueeze(1)).squeeze(1)
     top = now[:, later].max(1).values
@@ -464,7 +464,7 @@ def test_xder_past_constraint_lifts_the_present_head_and_predict_masks_other_tas
     out.requires_grad_(True)
     xder.penalty(state, batch, None, out).backward()
     assert (out.grad[:, present].min(1).values < 0).all()  # descending raises a present logit
-    x = state.benchmark.prepare(batch.x, batch.e)
+    x = state.model_input(batch.x, batch.e)
     with torch.no_grad():
         logits = xder.predict(state, x, batch.t)
     assert (logits[:, [c for c in range(10) if c not in present]] == MASKED).all()

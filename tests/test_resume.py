@@ -12,6 +12,9 @@ import torch
 from conftest import clrun as run_clrun
 from conftest import options
 
+from clrun.checkpoint import CheckpointError
+from clrun.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = ("+strategy.components.zkill._target_=killer.KillAt", "checkpoint.every_n_steps=4")
 
@@ -124,9 +127,17 @@ def test_corrupted_checkpoint_is_refused(run_debug, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="corrupted"):
+    with pytest.raises(CheckpointError, match="corrupted"):
         run_debug("strategy=naive", run_dir=run_dir)
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    # a completed run stays as it was: its summary is not overwritten by the failed attempt
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_avg_acc"] > 0.2
+    # a run that did not complete records the failure
+    write_json(run_dir / "summary.json", {**summary, "status": "interrupted"})
+    with pytest.raises(CheckpointError, match="corrupted"):
+        run_debug("strategy=naive", run_dir=run_dir)
+    failed = json.loads((run_dir / "summary.json").read_text())
+    assert failed["status"] == "failed" and failed["error"].startswith("CheckpointError")
 
 
 def test_resume_with_a_different_config_is_refused_with_the_difference(run_debug, tmp_path):

@@ -133,15 +133,15 @@ def test_failing_jobs_are_recorded_and_the_others_finish(tmp_path, launcher):
     runs = summaries(sweep)
     assert [runs[j]["status"] for j in "012"] == ["failed", "completed", "failed"]
     assert runs["0"]["error"].startswith("ConfigError: optimizer.lr=0")
-    assert runs["2"]["error"].startswith("FloatingPointError")
-    assert "2 of 3 runs" in p.stderr and f"{sweep / '2'}: failed: FloatingPointError" in p.stderr
+    assert runs["2"]["error"].startswith("TrainingDiverged")
+    assert "2 of 3 runs" in p.stderr and f"{sweep / '2'}: failed: TrainingDiverged" in p.stderr
 
     r = subprocess.run(
         [sys.executable, "-m", "clrun.report", str(sweep)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
     section = r.stdout.split("## Runs that did not complete")[1]
-    assert "ConfigError" in section and "FloatingPointError" in section
+    assert "ConfigError" in section and "TrainingDiverged" in section
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ class Amnesiac:
         self.before = _float_state(model)
         for _ in range(self.repair_steps):
             batch = buffer.sample(self.repair_batch_size)
-            x = state.to_model_format(state.benchmark.prepare(batch.x, batch.e, train=True))
+            x = state.model_input(batch.x, batch.e, train=True)
             with state.autocast():
                 loss = F.cross_entropy(model(x, batch.t), batch.y)
             state.optimizer.zero_grad(set_to_none=True)

@@ -104,9 +104,7 @@ class EWC:
             state.model.eval()
             batches = (samples.subset(torch.arange(i, min(i + 256, n))) for i in range(0, n, 256))
             with torch.no_grad():
-                logits = torch.cat(
-                    [state.model(state.benchmark.prepare(b.x, b.e), b.t) for b in batches]
-                )
+                logits = torch.cat([state.model(state.model_input(b.x, b.e), b.t) for b in batches])
             state.model.train(was_training)
             if self.fisher == "sampled":
                 y = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=self.generator)

@@ -105,7 +105,7 @@ class MAS:
                 for i in range(0, len(exp), k):
                     idx = torch.arange(i, min(i + k, len(exp)), device=exp.y.device)
                     b = exp.subset(idx)
-                    out = model(state.benchmark.prepare(b.x, b.e), b.t)
+                    out = model(state.model_input(b.x, b.e), b.t)
                     names = list(params)
                     grads = torch.autograd.grad(
                         out.pow(2).sum(), [params[n] for n in names], allow_unused=True

@@ -178,7 +178,7 @@ def _sums(state: RunState, samples: Experience, step: int, add: Callable, params
     sums = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(0, len(samples), step):
         b = samples.subset(torch.arange(i, min(i + step, len(samples)), device=samples.y.device))
-        add(state.benchmark.prepare(b.x, b.e), b, sums)
+        add(state.model_input(b.x, b.e), b, sums)
     return sums
 
 
@@ -246,11 +246,9 @@ def piece(samples: Experience, start: int, stop: int) -> Experience:
 
 
 def model_input(state: RunState, samples: Experience, train: bool = False) -> Tensor:
-    """Raw samples → the model's input, as the runner prepares a minibatch (the benchmark's
-    augmentation with ``train=True``, then the run's memory format)."""
-    x = state.benchmark.prepare(samples.x, samples.e, train=train)
-    to_format = getattr(state, "to_model_format", None)
-    return to_format(x) if to_format is not None else x
+    """Raw samples (an :class:`Experience`) → the model's input, as the runner prepares a
+    minibatch (:meth:`clrun.components.RunState.model_input`)."""
+    return state.model_input(samples.x, samples.e, train=train)
 
 
 def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
