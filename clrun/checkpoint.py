@@ -26,7 +26,15 @@ from clrun.io import flatten, write_atomic
 
 FILE = "checkpoint/state.pt"
 # Keys that may differ between a run and its resumption.
-RUN_MANAGEMENT_KEYS = ("resume", "threads", "deterministic", "data_dir", "checkpoint", "logger")
+RUN_MANAGEMENT_KEYS = (
+    "resume",
+    "threads",
+    "deterministic",
+    "data_dir",
+    "checkpoint",
+    "logger",
+    "plots",
+)
 # Keys under which a state holds random-generator states: ``load`` leaves them on the CPU, the
 # only device a ``torch.Generator.set_state`` or ``torch.set_rng_state`` takes them from.
 RNG_KEYS = ("generator", "rng", "gen_state")

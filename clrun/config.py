@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clrun.benchmarks import NAMED_CLASS_ORDERS, SCENARIOS
 from clrun.models import HEADS
+from clrun.plots import FORMATS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Keys the runner reads itself: never passed to a target's constructor.
@@ -94,6 +95,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number ≥ 0"),
     "optimizer.reset_each_experience": (lambda v: isinstance(v, bool), "true or false"),
     "buffer.max_size": _int_at_least(1),
+    "plots.format": (
+        lambda v: isinstance(v, list) and all(f in FORMATS for f in v),
+        "a list of " + " | ".join(FORMATS) + ", e.g. [png,pdf]; [] for no plots",
+    ),
 }
 
 _MISSING = object()

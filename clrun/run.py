@@ -154,7 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         summary.update(unlearning.summary(plan, recorder, components))
         write_json(run_dir / "summary.json", summary)
         title = f"{summary.get('strategy')} on {summary.get('benchmark')} ({summary.get('model')}), seed {cfg.seed}"  # fmt: skip
-        plots.plot_run(run_dir, recorder.acc_matrix, title)
+        plots.plot_run(run_dir, recorder.acc_matrix, title, cfg.plots.format)
         if plan.active:  # after the results are safe on disk; a reference run traps signals itself
             stop.restore()
             unlearning.finish(cfg, plan, run_dir, choices, state, recorder, summary, title)

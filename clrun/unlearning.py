@@ -182,7 +182,7 @@ def finish(cfg: DictConfig, p: Plan, run_dir: Path, choices: dict | None, state:
         summary["unlearning"]["reference"] = against_reference(cfg, p, run_dir, choices, state,
                                                                recorder)  # fmt: skip
         write_json(Path(run_dir) / "summary.json", summary)
-    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], title)
+    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], title, cfg.plots.format)
 
 
 def summary(p: Plan, recorder, components: Components) -> dict:
