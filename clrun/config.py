@@ -34,6 +34,7 @@ from clrun.checks import (
 )
 from clrun.errors import ConfigError
 from clrun.models import HEADS
+from clrun.plots import FORMATS
 
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Keys the runner reads itself: never passed to a target's constructor.
@@ -83,6 +84,10 @@ RULES: dict[str, Rule] = {
     "optimizer.weight_decay": number_at_least(0),
     "optimizer.reset_each_experience": boolean(),
     "buffer.max_size": int_at_least(1),
+    "plots.format": Rule(
+        lambda v: isinstance(v, list) and all(f in FORMATS for f in v),
+        "a list of " + " | ".join(FORMATS) + ", e.g. [png,pdf]; [] for no plots",
+    ),
 }
 
 _MISSING = object()

@@ -74,7 +74,7 @@ class TensorBoardLogger:
         self.writer.add_scalar("time/eval_s", timing["eval_s"], i)
         from clrun.plots import heatmap
 
-        self.writer.add_figure("acc_matrix", heatmap(acc_matrix, f"after experience {i}"), i)
+        self.writer.add_figure("acc_matrix", heatmap(acc_matrix, f"after experience {i + 1}"), i)
 
     def close(self, summary: dict) -> None:
         hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)

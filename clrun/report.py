@@ -10,9 +10,10 @@ configuration over seeds. Each metric is reported as mean ± sample standard dev
 over the group's runs, with n. Runs that failed, were interrupted, are still running or have no
 summary are listed apart, so a partial sweep reports what has finished.
 
-Plots: ``final_acc.png`` (final average accuracy per group, error bars = std), ``acc_curves.png``
+Plots: ``final_acc`` (final average accuracy per group, error bars = std), ``acc_curves``
 (average accuracy on the experiences seen so far after each experience, mean ± std band) and
-``acc_matrices.png`` (each group's mean accuracy matrix R[i][j]).
+``acc_matrices`` (each group's mean accuracy matrix R[i][j], drawn as a run's heatmap is), as
+``.png`` by default: ``--format png,pdf,svg`` (or the runs' ``plots.format``) picks the types.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,18 @@ class Run:
     def group(self) -> str:
         keep = sorted(o for o in self.overrides if top_key(o) not in NOT_A_GROUP_KEY)
         return " ".join(keep) or "(no overrides)"
+
+    def plots_format(self) -> list[str]:
+        """The run's ``plots.format`` (its ``.hydra/config.yaml``); the default, png, where the
+        run does not say."""
+        path = self.dir / ".hydra" / "config.yaml"
+        if path.exists():
+            from omegaconf import OmegaConf
+
+            formats = OmegaConf.select(OmegaConf.load(path), "plots.format", default=None)
+            if formats is not None:
+                return [str(f) for f in formats]
+        return ["png"]
 
     def acc_matrix(self) -> np.ndarray | None:
         path = self.dir / "acc_matrix.csv"
@@ -169,7 +183,7 @@ def markdown(
     for row in rows:
         cells = [_fmt(*row[k][:2], 1 if k == "wall_time_s" else 3) for k in columns]
         lines.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"![{p}]({p})" for p in plots]
+    lines += [""] + _plot_links(plots)
     bad = [r for r in runs if r.status != "completed"]
     if bad:
         lines += ["", "## Runs that did not complete", "", "| run | status | overrides | error |"]
@@ -179,6 +193,17 @@ def markdown(
             error = r.error.replace("|", "\\|")
             lines.append(f"| {where} | {r.status} | {' '.join(r.overrides)} | {error} |")
     return "\n".join(lines) + "\n"
+
+
+def _plot_links(files: list[str]) -> list[str]:
+    """Markdown for the plot files: each plot shown once (its PNG, else its SVG), its other
+    files linked (a PDF cannot be shown inline)."""
+    lines = []
+    for f in files:
+        stem = f.rsplit(".", 1)[0]
+        inline = next((f"{stem}.{t}" for t in ("png", "svg") if f"{stem}.{t}" in files), None)
+        lines.append(f"![{f}]({f})" if f == inline else f"[{f}]({f})")
+    return lines
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -191,33 +216,29 @@ def write_csv(rows: list[dict], path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
-    """Write the three plots; return their file names."""
-    if not groups:
+def plot(groups: dict[str, list[Run]], out: Path, formats: Sequence[str] = ("png",)) -> list[str]:
+    """Write the three plots in each of ``formats`` (``plots.format``: png | pdf | svg); return
+    the file names. No groups or ``formats=[]``: nothing, matplotlib not imported."""
+    from clrun import plots
+
+    formats = plots.check_formats(formats)
+    if not groups or not formats:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = {
-        "final_acc.png": _final_acc_bars,
-        "acc_curves.png": _acc_curves,
-        "acc_matrices.png": _mean_acc_matrices,
+    figures = {
+        "final_acc": _final_acc_bars(groups),
+        "acc_curves": _acc_curves(groups),
+        "acc_matrices": _mean_acc_matrices(groups),
     }
-    for name, draw in plots.items():
-        fig = draw(plt, groups)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        write_atomic(out / name, buf.getvalue())
-    return list(plots)
+    return [p.name for stem, fig in figures.items() for p in plots.save(fig, out, stem, formats)]
 
 
-def _final_acc_bars(plt, groups: dict[str, list[Run]]):
+def _final_acc_bars(groups: dict[str, list[Run]]):
     """One bar per group: mean final average accuracy, error bar = std."""
+    from clrun.plots import figure
+
     stats = [mean_std([r.summary.get("final_avg_acc") for r in runs]) for runs in groups.values()]
-    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.4 * len(groups)))
+    fig = figure((7, 1.0 + 0.4 * len(groups)))
+    ax = fig.subplots()
     xerr = [0 if math.isnan(s) else s for _, s, _ in stats]
     ax.barh(range(len(groups)), [m for m, _, _ in stats], xerr=xerr, capsize=4)
     labels = [f"{g} (n={n})" for g, (_, _, n) in zip(groups, stats, strict=True)]
@@ -237,29 +258,37 @@ def _stacked_matrices(runs: list[Run]) -> np.ndarray | None:
     return np.stack([R for R in Rs if R.shape == max(shapes, key=shapes.count)])
 
 
-def _acc_curves(plt, groups: dict[str, list[Run]]):
-    """Average accuracy on the experiences seen so far, after each experience: mean ± std."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _acc_curves(groups: dict[str, list[Run]]):
+    """Average accuracy on the experiences seen so far after each experience 1..T: mean ± std
+    band over the group's runs; the legend right of the axes."""
+    from clrun.plots import figure, legend_right
+
+    fig = figure((9, 4.5))
+    ax = fig.subplots()
     for name, runs in groups.items():
         Rs = _stacked_matrices(runs)
         if Rs is None:
             continue
         curves = np.array([[R[i, : i + 1].mean() for i in range(len(R))] for R in Rs])
         x, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
-        ax.plot(x, mean, marker="o", label=f"{name} (n={len(Rs)})")
+        (line,) = ax.plot(x, mean, marker="o", label=f"{name} (n={len(Rs)})")
         if len(Rs) > 1:
             std = curves.std(0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
         ax.set_xticks(x)
-    ax.set_xlabel("experiences trained")
+    ax.set_xlabel("trained through experience")
     ax.set_ylabel("average accuracy on seen experiences")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:
+        legend_right(ax)
     return fig
 
 
-def _mean_acc_matrices(plt, groups: dict[str, list[Run]]):
-    """One heatmap per group: the mean over its runs of R[i][j]."""
+def _mean_acc_matrices(groups: dict[str, list[Run]]):
+    """One heatmap per group: the mean over its runs of R[i][j], drawn as a run's heatmap is
+    (experiences 1..T, the cells of experiences not yet trained on grey)."""
+    from clrun.plots import draw_matrix, figure
+
     shown = [
         (n, Rs.mean(0))
         for n, Rs in ((n, _stacked_matrices(r)) for n, r in groups.items())
@@ -267,23 +296,25 @@ def _mean_acc_matrices(plt, groups: dict[str, list[Run]]):
     ]
     cols = max(1, min(4, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    fig = figure((3.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(shown) :]:
         ax.axis("off")
     for ax, (name, R) in zip(axes.flat, shown, strict=False):
-        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-        for (i, j), a in np.ndenumerate(R):
-            color = "white" if a < 0.6 else "black"
-            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6, color=color)
+        draw_matrix(ax, R, fontsize=6)
         ax.set_title(name, fontsize=8)
-        ax.set_xlabel("evaluated on experience j", fontsize=7)
-        ax.set_ylabel("trained through experience i", fontsize=7)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
     return fig
 
 
-def report(dirs: list[Path], out: Path | None = None) -> str:
+def report(dirs: list[Path], out: Path | None = None, formats: Sequence[str] | None = None) -> str:
     """Write report.md, report.csv and the plots to ``out`` (default: the first directory);
-    return the Markdown. A ValueError if no run is found."""
+    return the Markdown. A ValueError if no run is found.
+
+    ``formats``: the plots' file types (png | pdf | svg; [] for none). By default those the
+    completed runs were made with (their ``plots.format``, in order of first appearance), so a
+    sweep run with ``plots.format=[pdf]`` gets a report in PDF too."""
     dirs = [Path(d) for d in dirs]
     out = Path(out or dirs[0])
     runs = find_runs(dirs)
@@ -291,7 +322,10 @@ def report(dirs: list[Path], out: Path | None = None) -> str:
         raise ValueError(f"no runs (summary.json or .hydra/) below {', '.join(map(str, dirs))}")
     groups = group_runs(runs)
     rows = table_rows(groups)
-    text = markdown(runs, rows, dirs, out, plot(groups, out))
+    if formats is None:
+        done = [r for runs in groups.values() for r in runs]
+        formats = list(dict.fromkeys(f for r in done for f in r.plots_format()))
+    text = markdown(runs, rows, dirs, out, plot(groups, out, formats))
     write_atomic(out / "report.md", text)
     write_csv(rows, out / "report.csv")
     return text
@@ -306,15 +340,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, help="folder for report.md, report.csv and the plots (default: DIRS[0])"
     )
+    parser.add_argument(
+        "--format",
+        type=lambda v: [f for f in v.split(",") if f],
+        metavar="FMT[,FMT]",
+        help="the plots' file types, comma-separated: png, pdf, svg ('' for no plots; "
+        "default: the runs' plots.format)",
+    )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
     try:
-        print(report(args.dirs, args.out), end="")
+        print(report(args.dirs, args.out, args.format), end="")
     except ValueError as e:
         parser.error(str(e))
-    print(f"written to {args.out or args.dirs[0]}: report.md, report.csv, *.png", file=sys.stderr)
+    print(
+        f"written to {args.out or args.dirs[0]}: report.md, report.csv and the plots",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

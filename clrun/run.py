@@ -188,9 +188,10 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
 
         # --- the results: summary.json, plots, the closing lines ---
         summary = outcome.complete(device, unlearning.summary(plan, recorder, components))
-        plots.plot_run(run_dir, recorder.acc_matrix, run_title(summary))
+        formats = OmegaConf.select(cfg, "plots.format", default=["png"])
+        plots.plot_run(run_dir, recorder.acc_matrix, run_title(summary), formats)
         if plan.active:
-            unlearning.plot(run_dir, recorder, summary)
+            unlearning.plot(run_dir, recorder, summary, formats)
         logger.close(summary)
         return summary
 

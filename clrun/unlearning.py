@@ -210,16 +210,17 @@ def compare_with_reference(cfg: DictConfig, run_dir: Path, reference: Path) -> d
         **compare(state, models[1], p.forgotten, final, reference_final, batch_size),
     }
     write_json(Path(run_dir) / "summary.json", summary)
-    plot(run_dir, recorder, summary)
+    plot(run_dir, recorder, summary, OmegaConf.select(cfg, "plots.format", default=["png"]))
     return summary
 
 
-def plot(run_dir: Path, recorder, summary: dict) -> None:
-    """``unlearning.png``: the accuracy timeline with the requests, and the reference's."""
+def plot(run_dir: Path, recorder, summary: dict, formats: list[str]) -> None:
+    """``unlearning.<format>``: the accuracy timeline with the requests, and the reference's."""
     from clrun import plots
     from clrun.outcome import run_title
 
-    plots.plot_unlearning(run_dir, recorder, summary["unlearning"], run_title(summary))
+    block, title = summary["unlearning"], run_title(summary)
+    plots.plot_unlearning(run_dir, recorder, block, title, formats)
 
 
 def summary(p: Plan, recorder, components: Components) -> dict:

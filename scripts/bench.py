@@ -17,13 +17,14 @@ benchmark.path=<folder>`` (the real loader: unpickling, checks, the per-channel 
 normalisation) and the bare loop reads the same files. Timing does not depend on the pixels.
 
 For every workload the script runs, as separate processes and interleaved (A B A B ...):
-``python -m clrun ...`` (the real CLI: Hydra, config checks, metrics files, a checkpoint after
-every experience, plots) and ``python scripts/bench.py --bare ...`` (the reference loop below). It
-reports the median whole-process wall time and training time of each and their ratio clrun/bare,
-clrun's samples/s, the peak RSS of both, their final average accuracy and the largest
-difference between their accuracies on any test experience at any point, the untrained model
-included (``max ΔR``: 0 when both did the same arithmetic, as on every workload here; with EWC
-clrun rounds differently, see below, and still gave 0).
+``python -m clrun ... plots.format=[]`` (the real CLI: Hydra, config checks, metrics files, a
+checkpoint after every experience; no plots, as the bare loop draws none) and
+``python scripts/bench.py --bare ...`` (the reference loop below). It reports the median
+whole-process wall time and training time of each and their ratio clrun/bare, clrun's
+samples/s, the peak RSS of both, their final average accuracy and the largest difference
+between their accuracies on any test experience at any point, the untrained model included
+(``max ΔR``: 0 when both did the same arithmetic, as on every workload here; with EWC clrun
+rounds differently, see below, and still gave 0).
 
 What "the same work" means. The bare loop is what a researcher would write by hand to get the
 numbers clrun reports, with nothing else: the same data tensors (uint8, normalised per batch on
@@ -37,18 +38,27 @@ the untrained model. EWC's Fisher is computed in the same closed form as clrun's
 its penalty is written as a researcher writes it, one term per experience, while clrun's separate
 EWC penalises with the merged form (one quadratic with the same value and gradients, up to
 rounding), so clrun's EWC training is faster than the bare loop's from the third experience on.
-What the bare loop does not do is clrun's bookkeeping: Hydra's config
-composition and run directory, config validation, metrics files after every evaluation, a
-checksummed checkpoint after every experience, the summary and the two plots. That is the
-overhead the ratio measures. The training phase of both is timed the same way (training plus the
-strategy's end-of-experience work: buffer update, teacher copy, Fisher), ending with a host sync.
+What the bare loop does not do is clrun's bookkeeping: Hydra's config composition and run
+directory, config validation, metrics files after every evaluation, a checksummed checkpoint
+after every experience and the summary. That is the overhead the ratio measures. The training
+phase of both is timed the same way (training plus the strategy's end-of-experience work: buffer
+update, teacher copy, Fisher), ending with a host sync.
+
+The plots are the one part of a default clrun run left out of the comparison (a bare loop draws
+nothing); they are reported on a line of their own below the table: the seconds
+``clrun.plots.plot_run`` takes with the default ``plots.format=[png]`` (importing matplotlib,
+drawing and writing ``acc_matrix.png`` and ``acc_curve.png``) for the accuracy matrix of the
+first workload's clrun run, timed with ``time.perf_counter`` around that one call in a fresh
+process that has first imported what a run's process holds when it plots (torch and the runner),
+median of ``--repeats`` such processes. A default run takes the row's clrun time plus that.
 
 ``--device cuda``, ``--precision bf16``, ``--compile``, ``--channels-last`` and ``--deterministic``
 apply to both sides (clrun: ``device=``, ``precision=``, ``compile=``, ``channels_last=``,
 ``deterministic=``). On a GPU, without ``--deterministic``, cuDNN's and the scatter kernels'
 summation order varies from run to run, so ``max ΔR`` is then not 0 even between two clrun runs.
-``--clrun-arg KEY=VALUE`` (repeatable) passes any other override to clrun only (the last value of a key wins): the bare
-loop does not follow it, so the ratio then compares different work.
+``--clrun-arg KEY=VALUE`` (repeatable) passes any other override to clrun only (the last value
+of a key wins): the bare loop does not follow it, so the ratio then compares different work
+(``--clrun-arg 'plots.format=[png]'`` puts the plots back into clrun's times).
 
 This is a benchmark, not a test: run it on a quiet machine. Output: a Markdown table on stdout
 (and ``--out FILE``).
@@ -117,7 +127,7 @@ def clrun_command(w: Workload, s: Settings, run_dir: str, extra: list[str]) -> l
            f"deterministic={str(s.deterministic).lower()}", "seed=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
     if w.strategy == "replay":
         cmd += ["buffer=class_balanced", f"buffer.max_size={REPLAY_SIZE}"]
-    return cmd + extra
+    return cmd + ["plots.format=[]"] + extra  # the same work as the bare loop: no plots
 
 
 def bare_command(name: str, s: Settings, result: Path) -> list[str]:
@@ -153,6 +163,7 @@ def clrun_result(run_dir: Path, wall: float) -> dict:
 
 
 def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> list[dict]:
+    """One row per workload; each row also keeps one clrun run's accuracy matrix (``R``)."""
     rows = []
     for name in names:
         runs: dict[str, list[dict]] = {"clrun": [], "bare": []}
@@ -174,7 +185,7 @@ def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> 
             for row_c, row_b in zip(c["R"], r["R"], strict=True)
             for a, b in zip(row_c, row_b, strict=True)
         )
-        rows.append({"workload": name, "max_acc_diff": diff,
+        rows.append({"workload": name, "max_acc_diff": diff, "R": runs["clrun"][0]["R"][1:],
                      **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()}})  # fmt: skip
         print(f"{name}: clrun {med['clrun']['wall_s']:.2f}s / bare {med['bare']['wall_s']:.2f}s",
               file=sys.stderr)  # fmt: skip
@@ -208,6 +219,30 @@ def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
             + (gpu if s.device == "cuda" else "")
         )
     return "\n".join(lines)
+
+
+def plot_cost(R: list[list[float]], repeats: int) -> float:
+    """The median seconds of a default run's plots (see the module docstring): ``repeats``
+    fresh processes, each timing ``clrun.plots.plot_run`` on ``R`` once."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "R.json").write_text(json.dumps(R))
+        for _ in range(repeats):
+            run_once([sys.executable, __file__, "--plot-cost", tmp])
+            times.append(json.loads((Path(tmp) / "plot_cost.json").read_text())["plot_s"])
+    return statistics.median(times)
+
+
+def time_plots(folder: Path) -> None:
+    """In this fresh process: import what a run's process holds when it plots, then time the
+    plots of ``folder/R.json`` with the default ``plots.format=[png]``."""
+    import clrun.run  # noqa: F401 - torch and the runner, as in a run's process
+    from clrun import plots
+
+    R = json.loads((folder / "R.json").read_text())
+    t0 = time.perf_counter()
+    plots.plot_run(folder, R, "naive on split_mnist (mlp), seed 0", ["png"])
+    (folder / "plot_cost.json").write_text(json.dumps({"plot_s": time.perf_counter() - t0}))
 
 
 def write_cifar_folder(folder: Path, train_per_class: int, test_per_class: int) -> None:
@@ -482,11 +517,15 @@ def main() -> None:
     ap.add_argument("--bare", metavar="WORKLOAD", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--cifar-folder", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-cost", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
     a = ap.parse_args()
     settings = Settings(a.threads, a.device, a.precision, a.compile, a.channels_last,
                         a.deterministic, a.cifar_folder)  # fmt: skip
     if a.bare:
         bare(a.bare, settings, a.result)
+        return
+    if a.plot_cost:
+        time_plots(a.plot_cost)
         return
     names = [n for p in a.workloads.split(",") for n in WORKLOADS if fnmatch.fnmatch(n, p)]
     names = list(dict.fromkeys(names))
@@ -499,7 +538,14 @@ def main() -> None:
             write_cifar_folder(folder, train_pc, test_pc)
             settings = dataclasses.replace(settings, cifar_folder=str(folder))
         rows = benchmark(names, a.repeats, settings, a.clrun_arg)
+        plot_s = plot_cost(rows[0]["R"], a.repeats)
     md = table(rows, settings, a.repeats, a.clrun_arg)
+    md += (
+        f"\n\nPlots, left out above (clrun ran with plots.format=[], the bare loop draws none): "
+        f"the default plots.format=[png] adds {plot_s:.2f} s to a run (importing matplotlib, "
+        f"drawing and writing acc_matrix.png and acc_curve.png; median of {a.repeats} fresh "
+        "processes)."
+    )
     if any(WORKLOADS[n].data == "cifar" for n in names):
         md += f"\n\nCIFAR-10: generated, {train_pc} training and {test_pc} test images per class."
     print(md)

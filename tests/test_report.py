@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clrun import report
+from clrun import plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 R0 = [[0.9, 0.1], [0.5, 0.8]]
@@ -163,3 +163,82 @@ def test_unlearning_runs_get_their_columns_and_their_reference_is_not_a_run(tmp_
     assert "| forgotten acc | retained acc | JS to reference |" in text
     header = (s / "report.csv").read_text().splitlines()[0]
     assert "unlearning.final_retained_acc_mean" in header
+
+
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}
+PLOTS = ("final_acc", "acc_curves", "acc_matrices")
+
+
+@pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
+def test_report_plots_in_each_format(sweep, tmp_path, fmt):
+    out = tmp_path / "out"
+    text = report.report([sweep], out, formats=[fmt])
+    made = sorted(p.name for p in out.iterdir() if p.suffix[1:] in MAGIC)
+    assert made == sorted(f"{stem}.{fmt}" for stem in PLOTS)
+    for name in made:
+        assert (out / name).read_bytes()[:16].startswith(MAGIC[fmt]), name
+        shown = f"[{name}]({name})" if fmt == "pdf" else f"![{name}]({name})"
+        assert text.count(f"[{name}]({name})") == 1 and shown in text
+
+
+def test_report_with_several_formats_shows_each_plot_once(sweep, tmp_path):
+    text = report.report([sweep], tmp_path, formats=["pdf", "svg", "png"])
+    assert "![acc_curves.png](acc_curves.png)" in text
+    assert "[acc_curves.svg](acc_curves.svg)" in text and "![acc_curves.svg]" not in text
+    assert "[acc_curves.pdf](acc_curves.pdf)" in text and "![acc_curves.pdf]" not in text
+
+
+def test_report_without_plots(sweep, tmp_path):
+    text = report.report([sweep], tmp_path, formats=[])
+    assert not [p for p in tmp_path.iterdir() if p.suffix[1:] in MAGIC]
+    assert "![" not in text and (tmp_path / "report.md").exists()
+    with pytest.raises(ValueError, match="plots.format: 'gif'"):
+        report.report([sweep], tmp_path, formats=["gif"])
+
+
+def test_report_plots_default_to_the_runs_plots_format(sweep, tmp_path):
+    for run in ("0", "1"):  # the runs record plots.format in their .hydra/config.yaml
+        (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: [svg]\n")
+    report.report([sweep], tmp_path / "out")
+    made = {p.suffix for p in (tmp_path / "out").iterdir()} - {".md", ".csv"}
+    assert made == {".svg", ".png"}  # runs 2 and 10 say nothing: png, the default
+    for run in ("2", "10"):
+        (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: []\n")
+    report.report([sweep], tmp_path / "out2")
+    assert {p.suffix for p in (tmp_path / "out2").iterdir()} == {".md", ".csv", ".svg"}
+
+
+def test_report_command_line_format(sweep, tmp_path):
+    command = [sys.executable, "-m", "clrun.report", str(sweep), "--out", str(tmp_path)]
+    p = subprocess.run(
+        [*command, "--format", "pdf"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert p.returncode == 0, p.stderr
+    assert sorted(q.name for q in tmp_path.glob("*.pdf")) == sorted(f"{s}.pdf" for s in PLOTS)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_report_matrices_grey_untrained_cells_and_number_from_one(sweep):
+    groups = report.group_runs(report.find_runs([sweep]))
+    fig = report._mean_acc_matrices(groups)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255
+    grey = np.array([int(plots.UNTRAINED[k : k + 2], 16) / 255 for k in (1, 3, 5)])
+    for ax in fig.axes[:2]:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+        for (i, j), is_grey in {(0, 1): True, (0, 0): False, (1, 0): False}.items():
+            x, y = ax.transData.transform((j - 0.3, i - 0.3))
+            rgb = image[int(round(fig.bbox.height - y)), int(round(x))]
+            assert (np.abs(rgb - grey).max() < 0.02) == is_grey, (ax.get_title(), i, j, rgb)
+
+
+def test_report_curves_number_from_one_with_the_legend_outside(sweep):
+    groups = report.group_runs(report.find_runs([sweep]))
+    fig = report._acc_curves(groups)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    assert list(ax.get_xticks()) == [1, 2]
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 2]
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1 and legend.x1 <= fig.bbox.x1 + 1
