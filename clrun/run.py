@@ -221,7 +221,7 @@ def train_experience(
     model.train()
     quiet = not sys.stderr.isatty()
     bar = tqdm(
-        total=total, initial=step, desc=f"experience {data.index}", disable=quiet, leave=False
+        total=total, initial=step, desc=f"experience {data.index + 1}", disable=quiet, leave=False
     )
     while step < total:
         # --- an epoch: its learning rate and its seeded order ---

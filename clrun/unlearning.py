@@ -167,7 +167,7 @@ def handle_request(state: RunState, components: Components, recorder, after: int
     results = evaluate()
     info = {"buffer_samples_removed": purged}
     recorder.record_unlearning(after, experiences, results, time.perf_counter() - t0, info)
-    log.info("after experience %d: forgot experiences %s", after + 1, experiences)
+    log.info("unlearning.requests.%d: forgot experiences %s", after, experiences)  # 0-based, as set
 
 
 def reference_dir(cfg: DictConfig, run_dir: Path, summary: dict) -> Path | None:
