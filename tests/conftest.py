@@ -15,8 +15,10 @@ from clrun.cli import config_dir
 
 CONF = config_dir()
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("benchmark", "model", "strategy", "buffer", "optimizer", "debug", "experiment",
-          "lr_schedule")  # fmt: skip
+GROUPS = (
+    *("benchmark", "model", "strategy", "buffer", "optimizer"),  # their choices go in summaries
+    *("debug", "experiment", "lr_schedule", "logger", "hparams_search"),
+)
 
 
 def options(group: str) -> list[str]:
@@ -95,3 +97,20 @@ def has_torchvision() -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def assert_learned(run_dir: Path, margin: float = 0.3, first: int | None = None) -> None:
+    """Each experience was learned when it was trained on: R[i][i] (test accuracy on experience
+    i right after training on it) beats the untrained model's accuracy on i by ``margin``. Holds
+    in every scenario (chance is 1/2 per experience in task and domain, lower in class), and
+    fails for a run that trains nothing, diverges or evaluates the wrong head. ``first``: check
+    only the first experiences (runs too short to learn the later ones beside the old)."""
+    import json
+
+    import numpy as np
+
+    R = np.loadtxt(run_dir / "acc_matrix.csv", delimiter=",", skiprows=1, ndmin=2)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    untrained = {r["eval_exp"]: r["acc"] for r in rows if r["trained_through"] == -1}
+    for i in range(len(R) if first is None else first):
+        assert R[i][i] > untrained[i] + margin, (i, untrained[i], R)

@@ -72,12 +72,8 @@ def test_known_bad_configs(run_debug, tmp_path, overrides, text):
 )
 def test_unknown_keys_name_the_key_and_the_allowed_ones(override):
     message = _check_override_keys(["debug=default", override])
-    assert (
-        message
-        and override.split("=")[0] in message
-        and "allowed" in message
-        or "no keys" in message
-    )
+    assert message is not None and override.split("=")[0] in message, message
+    assert "allowed" in message or "no keys" in message, message
 
 
 def test_valid_overrides_pass_the_key_check():

@@ -43,8 +43,29 @@ def test_a_missing_logger_package_is_a_clear_error():
         _require("tensorbored_missing_module", "tensorbored")
 
 
-def test_no_logger_is_a_no_op():
-    logger = NoLogger()
-    logger.log_steps(0, None)
-    logger.log_experience(0, [], {}, None)
-    logger.close({})
+def test_no_logger_is_a_no_op(run_debug, monkeypatch):
+    """Without logger=..., the runner calls a NoLogger at every hook; it returns nothing and
+    writes nothing beside the run directory's own files."""
+    import clrun.run
+
+    calls = []
+
+    class Recording(NoLogger):
+        def log_steps(self, *args):
+            calls.append("log_steps")
+            return super().log_steps(*args)
+
+        def log_experience(self, *args):
+            calls.append("log_experience")
+            return super().log_experience(*args)
+
+        def close(self, *args):
+            calls.append("close")
+            return super().close(*args)
+
+    assert NoLogger().log_steps(0, None) is None and NoLogger().close({}) is None
+    monkeypatch.setattr(clrun.run, "NoLogger", Recording)
+    summary, run_dir = run_debug("strategy.iterations=2")
+    assert summary["status"] == "completed"
+    assert calls.count("log_experience") == 5 and calls[-1] == "close", calls
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "mlflow.db").exists()

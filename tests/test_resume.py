@@ -142,7 +142,7 @@ def test_corrupted_checkpoint_is_refused(run_debug, tmp_path):
 
 def test_resume_with_a_different_config_is_refused_with_the_difference(run_debug, tmp_path):
     _, run_dir = run_debug("strategy=naive")
-    with pytest.raises(Exception, match=r"optimizer\.lr: checkpoint 0\.01, now 0\.02"):
+    with pytest.raises(Exception, match=r"optimizer\.lr: checkpoint 0\.001, now 0\.02"):
         run_debug("strategy=naive", "optimizer.lr=0.02", run_dir=run_dir)
     # run-management keys may differ
     summary, _ = run_debug("strategy=naive", "threads=2", "resume=true", run_dir=run_dir)

@@ -68,7 +68,7 @@ def test_the_runner_sets_the_rate_at_each_epoch_of_every_experience(run_debug):
     (group,) = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["optimizer"][
         "param_groups"
     ]
-    assert group["initial_lr"] == 0.01 and group["lr"] == pytest.approx(0.01 * 0.25)
+    assert group["initial_lr"] == 0.001 and group["lr"] == pytest.approx(0.001 * 0.25)
     plain, _ = run_debug("strategy.epochs=3")
     assert plain["final_avg_acc"] != summary["final_avg_acc"]  # the schedule changed training
 
