@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import clrun
+from conftest import assert_learned, clrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,7 @@ def test_user_config_dir_and_own_component(tmp_path):
     assert p.returncode == 0, p.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["strategy"] == "l2_replay"
+    assert_learned(run_dir)
 
 
 @pytest.mark.slow
@@ -136,6 +137,8 @@ def test_multirun_basic_launcher_one_dir_per_job(tmp_path):
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(summaries) == 4
     assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
+    for s in summaries:
+        assert_learned(s.parent)
 
 
 @pytest.mark.slow
