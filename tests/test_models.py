@@ -312,7 +312,9 @@ def test_mlp_batch_norm_as_gdumbs():
     assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU"]
     assert all(m.bias is None for m in model.backbone if isinstance(m, torch.nn.Linear))
     assert model(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)).shape == (4, 10)
-    with pytest.raises(ValueError, match="model.batch_norm='yes' must be true or false"):
+    with pytest.raises(
+        ValueError, match="model.batch_norm='yes' is not allowed: expected true or false"
+    ):
         mlp((1, 6, 6), 10, batch_norm="yes")
 
 
