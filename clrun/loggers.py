@@ -77,8 +77,11 @@ class TensorBoardLogger:
         self.writer.add_figure("acc_matrix", heatmap(acc_matrix, f"after experience {i + 1}"), i)
 
     def close(self, summary: dict) -> None:
-        hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                   for k, v in self.config.items() if v is not None}  # fmt: skip
+        hparams = {
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in self.config.items()
+            if v is not None
+        }
         metrics = {f"final/{k}": summary[k] for k in SCALARS if summary.get(k) is not None}
         if metrics:
             self.writer.add_hparams(hparams, metrics, run_name=".")
@@ -91,8 +94,14 @@ class MLflowLogger:
     ``tracking_uri``: a SQLite store by default (``sqlite:///mlflow.db`` in the directory clrun
     is started from), or any MLflow URI."""
 
-    def __init__(self, run_dir: str, run_config: dict, tracking_uri: str = "sqlite:///mlflow.db",
-                 experiment: str = "clrun", run_name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str,
+        run_config: dict,
+        tracking_uri: str = "sqlite:///mlflow.db",
+        experiment: str = "clrun",
+        run_name: str | None = None,
+    ):
         self.mlflow = _require("mlflow", "mlflow")
         self.run_dir = Path(run_dir)
         self.mlflow.set_tracking_uri(tracking_uri)

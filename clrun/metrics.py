@@ -96,21 +96,32 @@ class Recorder:
     def add_timing(self, experience: int, work: dict, eval_s: float) -> None:
         """The costs of one experience: its training ``work`` (:meth:`Work.take`), the seconds
         its evaluation took, and the process's memory now."""
-        self.timings.append({"experience": experience, **work, "eval_s": eval_s,
-                             "rss_mb": current_rss_mb()})  # fmt: skip
+        self.timings.append(
+            {"experience": experience, **work, "eval_s": eval_s, "rss_mb": current_rss_mb()}
+        )
 
     def progress(self, i: int) -> str:
         """One log line after experience ``i``: its training work and the accuracy on seen."""
         w, seen = self.timings[-1], [r["acc"] for r in self.rows[-1][: i + 1]]
-        return (f"experience {i + 1}/{self.T}: {w['steps']} steps in {w['train_s']:.1f}s, "
-                f"loss {w['train_loss']:.4f}, accuracy on seen {sum(seen) / len(seen):.4f}")  # fmt: skip
+        return (
+            f"experience {i + 1}/{self.T}: {w['steps']} steps in {w['train_s']:.1f}s, "
+            f"loss {w['train_loss']:.4f}, accuracy on seen {sum(seen) / len(seen):.4f}"
+        )
 
-    def record_unlearning(self, after: int, forgotten: list[int], results: list[dict],
-                          seconds: float, info: dict) -> None:  # fmt: skip
+    def record_unlearning(
+        self, after: int, forgotten: list[int], results: list[dict], seconds: float, info: dict
+    ) -> None:
         """The evaluation right after forgetting ``forgotten`` (requested after experience
         ``after``): rows of ``metrics.jsonl`` with ``"event": "unlearned"``."""
-        self.unlearned.append({"after_experience": after, "forgotten": list(forgotten),
-                               "results": results, "seconds": seconds, **info})  # fmt: skip
+        self.unlearned.append(
+            {
+                "after_experience": after,
+                "forgotten": list(forgotten),
+                "results": results,
+                "seconds": seconds,
+                **info,
+            }
+        )
         self.flush()
 
     def final(self) -> list[dict]:
@@ -136,9 +147,18 @@ class Recorder:
             timeline.append(row)
             for u in self.unlearned:
                 if u["after_experience"] == i:
-                    timeline.append([{"trained_through": i, "eval_exp": j, "event": "unlearned",
-                                      "forgotten": u["forgotten"], **r}
-                                     for j, r in enumerate(u["results"])])  # fmt: skip
+                    timeline.append(
+                        [
+                            {
+                                "trained_through": i,
+                                "eval_exp": j,
+                                "event": "unlearned",
+                                "forgotten": u["forgotten"],
+                                **r,
+                            }
+                            for j, r in enumerate(u["results"])
+                        ]
+                    )
         lines = [json.dumps(r) for row in timeline for r in row]
         write_atomic(self.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
         if self.rows:

@@ -98,8 +98,10 @@ def plan(cfg: DictConfig, n_experiences: int, components: Components | None = No
             )
         for j in js:
             if not 0 <= j <= i:
-                raise ConfigError(f"unlearning.requests.{i}: experience {j} cannot be forgotten after experience {i}: "
-                                  f"it must be one of 0..{i} (already learned)")  # fmt: skip
+                raise ConfigError(
+                    f"unlearning.requests.{i}: experience {j} cannot be forgotten after experience {i}: "
+                    f"it must be one of 0..{i} (already learned)"
+                )
             if j in seen:
                 raise ConfigError(f"unlearning.requests.{i}: experience {j} is forgotten twice")
             seen.add(j)
@@ -126,16 +128,20 @@ def plan(cfg: DictConfig, n_experiences: int, components: Components | None = No
 
 def _check_components(components: Components, requests: dict) -> None:
     if not components["unlearn"]:
-        raise ConfigError(f"unlearning.requests={requests}: this strategy has no unlearning method; "
-                          "use an amnesiac strategy (strategy=amnesiac_naive | amnesiac_lwf | amnesiac_replay "
-                          "| amnesiac_ewc) or unlearning.disable=true")  # fmt: skip
+        raise ConfigError(
+            f"unlearning.requests={requests}: this strategy has no unlearning method; "
+            "use an amnesiac strategy (strategy=amnesiac_naive | amnesiac_lwf | amnesiac_replay "
+            "| amnesiac_ewc) or unlearning.disable=true"
+        )
     for name, c in components.items.items():
         keeps = hasattr(c, "state_dict") or callable(getattr(c, "train_data", None))
         if keeps and not any(callable(getattr(c, h, None)) for h in ("forget", "unlearn")):
-            raise ConfigError(f"unlearning.requests={requests}: component {name!r} ({type(c).__name__}) keeps or "
-                              "re-reads data it learned from but has no forget or unlearn hook, so it would keep the "
-                              "forgotten experiences; see README 'Continual unlearning' for the components that "
-                              "support it")  # fmt: skip
+            raise ConfigError(
+                f"unlearning.requests={requests}: component {name!r} ({type(c).__name__}) keeps or "
+                "re-reads data it learned from but has no forget or unlearn hook, so it would keep the "
+                "forgotten experiences; see README 'Continual unlearning' for the components that "
+                "support it"
+            )
 
 
 def classes_only_in(state: RunState, experiences: list[int]) -> set[int]:
@@ -153,8 +159,14 @@ def without_experiences(samples: dict, experiences: list[int]) -> dict:
     return {f: v[keep] for f, v in samples.items()}
 
 
-def handle_request(state: RunState, components: Components, recorder, after: int,
-                   experiences: list[int], evaluate: Callable[[], list[dict]]) -> None:  # fmt: skip
+def handle_request(
+    state: RunState,
+    components: Components,
+    recorder,
+    after: int,
+    experiences: list[int],
+    evaluate: Callable[[], list[dict]],
+) -> None:
     """The runner's unlearning step after experience ``after``: purge the run's buffer, call the
     components' ``forget`` hooks, then the unlearning method's ``unlearn``, then evaluate."""
     t0, purged = time.perf_counter(), 0
@@ -196,9 +208,14 @@ def compare_with_reference(cfg: DictConfig, run_dir: Path, reference: Path) -> d
         model = build(cfg.model, "model", **shape).to(device)
         model.load_state_dict(saved["model"])  # dynamic heads take the saved size
         models.append(model)
-    state = RunState(models[0], benchmark, device, batch_size=cfg.strategy.batch_size,
-                     precision=cfg.get("precision", "fp32"),
-                     channels_last=bool(cfg.get("channels_last")))  # fmt: skip
+    state = RunState(
+        models[0],
+        benchmark,
+        device,
+        batch_size=cfg.strategy.batch_size,
+        precision=cfg.get("precision", "fp32"),
+        channels_last=bool(cfg.get("channels_last")),
+    )
     recorder = Recorder(Path(run_dir), len(benchmark.test_stream))
     recorder.load_state_dict(ours["recorder"])
     final = [r["acc"] for r in recorder.final()]
@@ -227,24 +244,37 @@ def summary(p: Plan, recorder, components: Components) -> dict:
     """The ``summary.json`` entries of unlearning: the memory components hold and, where the run
     has requests or excludes experiences, the ``unlearning`` block (see the module docstring)."""
     out: dict = {}
-    memory = {n: round(c.memory_mb(), 3) for n, c in components.items.items()
-              if callable(getattr(c, "memory_mb", None))}  # fmt: skip
+    memory = {
+        n: round(c.memory_mb(), 3)
+        for n, c in components.items.items()
+        if callable(getattr(c, "memory_mb", None))
+    }
     if memory:
         out["component_memory_mb"] = memory
     if not (p.requests or p.exclude):
         return out
-    block: dict = {"requests": {str(i): js for i, js in p.requests.items()},
-                   "disabled": p.disabled, "exclude": sorted(p.exclude), "events": []}  # fmt: skip
+    block: dict = {
+        "requests": {str(i): js for i, js in p.requests.items()},
+        "disabled": p.disabled,
+        "exclude": sorted(p.exclude),
+        "events": [],
+    }
     forgotten: set[int] = set()
     for event in recorder.unlearned:
         i = event["after_experience"]
         forgotten |= set(event["forgotten"])
-        block["events"].append({
-            "after_experience": i, "forgotten": event["forgotten"], "seconds": event["seconds"],
-            "buffer_samples_removed": event["buffer_samples_removed"],
-            **_accuracies(recorder.rows[i], forgotten, set(range(i + 1)) - p.exclude, "_before"),
-            **_accuracies(event["results"], forgotten, set(range(i + 1)) - p.exclude, "_after"),
-        })  # fmt: skip
+        block["events"].append(
+            {
+                "after_experience": i,
+                "forgotten": event["forgotten"],
+                "seconds": event["seconds"],
+                "buffer_samples_removed": event["buffer_samples_removed"],
+                **_accuracies(
+                    recorder.rows[i], forgotten, set(range(i + 1)) - p.exclude, "_before"
+                ),
+                **_accuracies(event["results"], forgotten, set(range(i + 1)) - p.exclude, "_after"),
+            }
+        )
     if recorder.rows:
         trained = set(range(len(recorder.rows))) - p.exclude
         block["forgotten"] = sorted(forgotten)
@@ -255,8 +285,9 @@ def summary(p: Plan, recorder, components: Components) -> dict:
     return out
 
 
-def _accuracies(results: list[dict], forgotten: set[int], trained: set[int], suffix: str,
-                prefix: str = "") -> dict:  # fmt: skip
+def _accuracies(
+    results: list[dict], forgotten: set[int], trained: set[int], suffix: str, prefix: str = ""
+) -> dict:
     acc = [r["acc"] for r in results]
     return {
         f"{prefix}forgotten_acc{suffix}": _mean([acc[j] for j in sorted(forgotten)]),
@@ -269,8 +300,14 @@ def _mean(v: list[float]) -> float | None:
 
 
 @torch.inference_mode()
-def compare(state: RunState, reference: torch.nn.Module, forgotten: list[int],
-            final: list[float], reference_final: list[float], batch_size: int) -> dict:  # fmt: skip
+def compare(
+    state: RunState,
+    reference: torch.nn.Module,
+    forgotten: list[int],
+    final: list[float],
+    reference_final: list[float],
+    batch_size: int,
+) -> dict:
     """Our final model against the reference: accuracy difference per test experience, and on each
     forgotten experience's test data the JS divergence and prediction agreement."""
     model = state.model
@@ -336,7 +373,9 @@ def load_reference(path: str | Path, p: Plan) -> dict:
         )
     excluded = set(saved["config"].get("unlearning", {}).get("exclude") or [])
     if not set(p.forgotten) <= excluded:
-        raise ConfigError(f"unlearning.reference={str(path)!r} trained on experiences "
-                          f"{sorted(set(p.forgotten) - excluded)} that this run forgets: a reference run "
-                          f"needs unlearning.exclude={p.forgotten}")  # fmt: skip
+        raise ConfigError(
+            f"unlearning.reference={str(path)!r} trained on experiences "
+            f"{sorted(set(p.forgotten) - excluded)} that this run forgets: a reference run "
+            f"needs unlearning.exclude={p.forgotten}"
+        )
     return saved

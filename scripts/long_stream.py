@@ -29,10 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(strategy: str, n: int, iterations: int, threads: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "clrun", "benchmark=permuted_mnist",
-               f"benchmark.n_experiences={n}", f"strategy={strategy}",
-               f"strategy.iterations={iterations}", f"threads={threads}", f"hydra.run.dir={tmp}",
-               *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "clrun",
+            "benchmark=permuted_mnist",
+            f"benchmark.n_experiences={n}",
+            f"strategy={strategy}",
+            f"strategy.iterations={iterations}",
+            f"threads={threads}",
+            f"hydra.run.dir={tmp}",
+            *extra,
+        ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         timings = torch.load(Path(tmp) / "checkpoint" / "state.pt", weights_only=True)["recorder"][
             "timings"
@@ -71,8 +79,11 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for s in a.strategies.split(","):
         r = measure(s, a.experiences, a.iterations, a.threads, a.overrides)
-        print(f"| {s} | {r['rss_5']:.0f} | {r['rss_last']:.0f} | {r['growth_pct']:+.1f}% "
-              f"| {r['train_s_early']:.3f} | {r['train_s_late']:.3f} |", flush=True)  # fmt: skip
+        print(
+            f"| {s} | {r['rss_5']:.0f} | {r['rss_last']:.0f} | {r['growth_pct']:+.1f}% "
+            f"| {r['train_s_early']:.3f} | {r['train_s_late']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

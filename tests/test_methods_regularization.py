@@ -72,8 +72,12 @@ VARIANTS = {  # method → extra overrides
 
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_resume_inside_an_experience_is_bit_identical(run_debug, tmp_path, monkeypatch, method):
-    overrides = (f"strategy={method.split('_')[0]}", *VARIANTS[method], "model.head=incremental",
-                 "checkpoint.every_n_steps=10")  # fmt: skip
+    overrides = (
+        f"strategy={method.split('_')[0]}",
+        *VARIANTS[method],
+        "model.head=incremental",
+        "checkpoint.every_n_steps=10",
+    )
     _, full = run_debug(*overrides)
     save, steps = checkpoint.save, []
 
@@ -205,8 +209,9 @@ def test_mas_importance_per_group_of_samples_as_the_agem_authors():
     ]:
         b = exp.subset(torch.arange(lo, hi))
         out = state.model(state.model_input(b.x, b.e), b.t)
-        for n, g in zip(params, torch.autograd.grad(out.pow(2).sum(), list(params.values())),
-                        strict=True):  # fmt: skip
+        for n, g in zip(
+            params, torch.autograd.grad(out.pow(2).sum(), list(params.values())), strict=True
+        ):
             into[n] += g.abs()
     state.model.train()
     grouped, single = MAS(alpha=0.0, samples_per_gradient=10), MAS(alpha=0.0)
@@ -501,8 +506,12 @@ def test_si_total_gradient_variant_differs_from_the_papers_task_gradient(run_deb
         "strategy=si", "strategy.si_lambda=5", "strategy.si_gradient=total"
     )
     assert task["status"] == total["status"] == "completed"
-    omega = [torch.load(d / "checkpoint" / "state.pt", weights_only=True)["components"]["si"]["importance"]
-             for d in (task_dir, total_dir)]  # fmt: skip
+    omega = [
+        torch.load(d / "checkpoint" / "state.pt", weights_only=True)["components"]["si"][
+            "importance"
+        ]
+        for d in (task_dir, total_dir)
+    ]
     assert any(not torch.equal(omega[0][k], omega[1][k]) for k in omega[0])
     with pytest.raises(ValueError, match="gradient"):
         SI(gradient="both")
@@ -562,8 +571,9 @@ def test_lwf_distillation_targets_by_hand(units, weighting, kl, loss_weight):
     teacher's zeros on the 2 new classes); with weighting=context LwF also gives the runner's loss,
     (1/c)·CE."""
     state = _setup("class", "incremental")
-    lwf = LwF(alpha=4.0 if weighting == "context" else 1.0, distill_units=units,
-              weighting=weighting)  # fmt: skip
+    lwf = LwF(
+        alpha=4.0 if weighting == "context" else 1.0, distill_units=units, weighting=weighting
+    )
     components = Components({"lwf": lwf})
     assert bool(components["loss"]) == (loss_weight is not None)
     exp0, exp1 = state.benchmark.train_stream[:2]
@@ -614,8 +624,9 @@ def test_lwf_seen_units_are_the_old_ones_outside_class_incremental(scenario, hea
     terms = []
     for units in ("old", "seen"):
         torch.manual_seed(1)
-        state.model = mlp(state.benchmark.input_shape, state.benchmark.n_classes, head=head,
-                          hidden_sizes=[16])  # fmt: skip
+        state.model = mlp(
+            state.benchmark.input_shape, state.benchmark.n_classes, head=head, hidden_sizes=[16]
+        )
         lwf = LwF(distill_units=units)
         adapt_model(state.model, exp0)
         lwf.post_update(state, exp0)

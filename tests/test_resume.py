@@ -45,11 +45,16 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, 
     "overrides",
     [
         ("strategy=replay", "strategy.buffer_update=step"),  # the buffer changes every step
-        ("strategy=gdumb", "lr_schedule=cosine_restarts", "lr_schedule.warmup_epochs=1",
-         "model.batch_norm=true", "strategy.epochs=3"),  # the rate changes every epoch
+        (
+            "strategy=gdumb",
+            "lr_schedule=cosine_restarts",
+            "lr_schedule.warmup_epochs=1",
+            "model.batch_norm=true",
+            "strategy.epochs=3",
+        ),  # the rate changes every epoch
     ],
     ids=["replay_step_update", "gdumb_sgdr_batch_norm"],
-)  # fmt: skip
+)
 def test_sigkill_then_resume_with_a_step_buffer_or_an_lr_schedule(run_debug, tmp_path, overrides):
     _kill_anywhere_then_resume(run_debug, tmp_path, *overrides)
 
@@ -60,8 +65,13 @@ def _kill_anywhere_then_resume(run_debug, tmp_path: Path, *chosen: str) -> None:
     reference, ref_dir = run_debug(*overrides)
     step = random.Random(" ".join(chosen)).randrange(1, reference["steps"])
     run_dir = tmp_path / "killed"
-    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
-              kill_at=f"{step}:SIGKILL")  # fmt: skip
+    p = clrun(
+        "debug=default",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        kill_at=f"{step}:SIGKILL",
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert (
         not (run_dir / "summary.json").exists()
@@ -76,8 +86,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(run_debug, tmp_path):
     overrides = ("strategy=replay_lwf", *KILLER)
     _, ref_dir = run_debug(*overrides)
     run_dir = tmp_path / "term"
-    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
-              kill_at="31:SIGTERM")  # fmt: skip
+    p = clrun(
+        "debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, kill_at="31:SIGTERM"
+    )
     assert p.returncode == 3, p.stderr
     assert "Traceback" not in p.stderr and "checkpoint saved" in p.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,8 +108,14 @@ def test_checkpoint_load_keeps_random_states_on_the_cpu(run_debug, tmp_path):
     from clrun import checkpoint
 
     run_dir = tmp_path / "term"
-    p = clrun("debug=default", "strategy=replay_lwf", *KILLER, f"hydra.run.dir={run_dir}",
-              cwd=tmp_path, kill_at="31:SIGTERM")  # fmt: skip
+    p = clrun(
+        "debug=default",
+        "strategy=replay_lwf",
+        *KILLER,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        kill_at="31:SIGTERM",
+    )
     assert p.returncode == 3, p.stderr
     saved = checkpoint.load(run_dir, torch.device("meta"))
     rng, other = [], []
@@ -167,12 +184,22 @@ def test_nan_loss_fails_the_run_naming_the_step(run_debug, tmp_path):
 def test_online_stream_and_augmentation_resume_bit_identically(run_debug, tmp_path):
     """Mini-experiences, per-original-experience evaluation and the benchmark's augmentation
     generator all survive a SIGKILL."""
-    overrides = ("strategy=replay", "benchmark.online=true", "benchmark.online_batch_size=50",
-                 "benchmark.augment=true", *KILLER)  # fmt: skip
+    overrides = (
+        "strategy=replay",
+        "benchmark.online=true",
+        "benchmark.online_batch_size=50",
+        "benchmark.augment=true",
+        *KILLER,
+    )
     reference, ref_dir = run_debug(*overrides)
     run_dir = tmp_path / "killed"
-    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
-              kill_at=f"{reference['steps'] // 2 + 1}:SIGKILL")  # fmt: skip
+    p = clrun(
+        "debug=default",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        kill_at=f"{reference['steps'] // 2 + 1}:SIGKILL",
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     run_debug(*overrides, run_dir=run_dir)
     assert_same_run(ref_dir, run_dir)

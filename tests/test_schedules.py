@@ -62,8 +62,12 @@ def test_step_decay_is_multistep():
 def test_the_runner_sets_the_rate_at_each_epoch_of_every_experience(run_debug):
     """Each experience starts again at the full rate and ends at the last epoch's; the last rate
     is the one the checkpointed optimiser holds, with the initial rate kept beside it."""
-    summary, run_dir = run_debug("lr_schedule=step", "lr_schedule.milestones=[1,2]",
-                                 "lr_schedule.gamma=0.5", "strategy.epochs=3")  # fmt: skip
+    summary, run_dir = run_debug(
+        "lr_schedule=step",
+        "lr_schedule.milestones=[1,2]",
+        "lr_schedule.gamma=0.5",
+        "strategy.epochs=3",
+    )
     assert summary["status"] == "completed"
     (group,) = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["optimizer"][
         "param_groups"
@@ -76,13 +80,28 @@ def test_the_runner_sets_the_rate_at_each_epoch_of_every_experience(run_debug):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: CosineRestarts(min_lr=-1), "lr_schedule.min_lr=-1 is not allowed: expected a finite number ≥ 0"),
-        (lambda: CosineRestarts(first_cycle=0), "lr_schedule.first_cycle=0 is not allowed: expected an integer ≥ 1"),
-        (lambda: CosineRestarts(warmup_factor=0), "lr_schedule.warmup_factor=0 is not allowed: expected a finite number > 0"),
-        (lambda: StepDecay(milestones=[5, 3]), "lr_schedule.milestones=[5, 3] is not allowed: expected increasing epochs"),
-        (lambda: StepDecay(gamma=float("nan")), "lr_schedule.gamma=nan is not allowed: expected a finite number > 0"),
+        (
+            lambda: CosineRestarts(min_lr=-1),
+            "lr_schedule.min_lr=-1 is not allowed: expected a finite number ≥ 0",
+        ),
+        (
+            lambda: CosineRestarts(first_cycle=0),
+            "lr_schedule.first_cycle=0 is not allowed: expected an integer ≥ 1",
+        ),
+        (
+            lambda: CosineRestarts(warmup_factor=0),
+            "lr_schedule.warmup_factor=0 is not allowed: expected a finite number > 0",
+        ),
+        (
+            lambda: StepDecay(milestones=[5, 3]),
+            "lr_schedule.milestones=[5, 3] is not allowed: expected increasing epochs",
+        ),
+        (
+            lambda: StepDecay(gamma=float("nan")),
+            "lr_schedule.gamma=nan is not allowed: expected a finite number > 0",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_values_are_named(make, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make()

@@ -167,9 +167,13 @@ def test_submitit_local_runs_a_job(tmp_path):
     needs("hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     p = clrun(
-        "-m", "hydra/launcher=submitit_local", "debug=default", "seed=3", f"hydra.sweep.dir={sweep}",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "debug=default",
+        "seed=3",
+        f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert p.returncode == 0, p.stderr
     assert summaries(sweep)["0"]["status"] == "completed"
     assert summaries(sweep)["0"]["seed"] == 3

@@ -44,8 +44,14 @@ def _learn(state: RunState, components: Components, exp: Experience, steps: int 
     adapt_model(state.model, exp)
     state.optimizer = torch.optim.SGD(state.model.parameters(), lr=0.1, momentum=0.9)
     settings = OmegaConf.create({"batch_size": 16, "iterations": steps, "epochs": 1})
-    train_experience(state, exp, components, torch.Generator().manual_seed(exp.index),
-                     settings, lambda where: None)  # fmt: skip
+    train_experience(
+        state,
+        exp,
+        components,
+        torch.Generator().manual_seed(exp.index),
+        settings,
+        lambda where: None,
+    )
     for hook in components["post_update"]:
         hook(state, exp)
 
@@ -162,14 +168,17 @@ def test_repair_trains_on_the_buffer_and_is_recorded():
     repaired = False
     for name in after:  # the model moved by −Δ1 and by the repair, which experience 2 now holds
         total = sum(u[name] for u in amnesiac.updates.values())
-        torch.testing.assert_close(total, initial_total[name] + after[name] - before[name],
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            total, initial_total[name] + after[name] - before[name], atol=1e-5, rtol=0
+        )
         repaired |= not torch.allclose(after[name], before[name] - delta[name], atol=1e-4)
     assert repaired
 
 
-@pytest.mark.parametrize("bad,message", [({"repair_steps": -1}, "repair_steps=-1"),
-                                         ({"repair_batch_size": 0}, "repair_batch_size=0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad,message",
+    [({"repair_steps": -1}, "repair_steps=-1"), ({"repair_batch_size": 0}, "repair_batch_size=0")],
+)
 def test_bad_amnesiac_hyperparameters(bad, message):
     with pytest.raises(ValueError, match=message):
         Amnesiac(**bad)
@@ -186,12 +195,18 @@ def test_repair_without_a_buffer_is_a_config_error():
 
 def _samples(n_per: int = 10) -> Experience:
     e = torch.arange(3).repeat_interleave(n_per)
-    return Experience(-1, torch.arange(3 * n_per, dtype=torch.uint8).view(-1, 1),
-                      e * 2 + torch.arange(3 * n_per) % 2, torch.zeros_like(e), e)  # fmt: skip
+    return Experience(
+        -1,
+        torch.arange(3 * n_per, dtype=torch.uint8).view(-1, 1),
+        e * 2 + torch.arange(3 * n_per) % 2,
+        torch.zeros_like(e),
+        e,
+    )
 
 
-@pytest.mark.parametrize("make", [lambda: ReservoirBuffer(100),
-                                  lambda: ClassBalancedBuffer(100, groupby="class")])  # fmt: skip
+@pytest.mark.parametrize(
+    "make", [lambda: ReservoirBuffer(100), lambda: ClassBalancedBuffer(100, groupby="class")]
+)
 def test_forgotten_samples_are_gone_from_buffers(make):
     buffer, data = make(), _samples()
     buffer.update(data, logits=torch.arange(30.0).view(-1, 1))
@@ -201,8 +216,9 @@ def test_forgotten_samples_are_gone_from_buffers(make):
     assert buffer.purge([1]) == 0
     if isinstance(buffer, ClassBalancedBuffer):
         assert sorted(buffer.groups) == [0, 1, 4, 5]  # classes 2, 3 were experience 1's
-        buffer.update(Experience(-1, *(getattr(data, f)[:4] for f in "xyte")),
-                      logits=torch.zeros(4, 1))  # fmt: skip
+        buffer.update(
+            Experience(-1, *(getattr(data, f)[:4] for f in "xyte")), logits=torch.zeros(4, 1)
+        )
         assert buffer.quotas() == {0: 25, 1: 25, 4: 25, 5: 25}
 
 
@@ -280,8 +296,9 @@ def test_js_divergence_exact_values():
 
 
 def test_end_to_end_request_with_reference(run_debug):
-    summary, run_dir = run_debug("strategy=amnesiac_replay", "unlearning.requests={2: [1]}",
-                                 "strategy.repair_steps=5")  # fmt: skip
+    summary, run_dir = run_debug(
+        "strategy=amnesiac_replay", "unlearning.requests={2: [1]}", "strategy.repair_steps=5"
+    )
     assert summary["status"] == "completed"
     block = summary["unlearning"]
     (event,) = block["events"]
@@ -292,8 +309,15 @@ def test_end_to_end_request_with_reference(run_debug):
     assert summary["component_memory_mb"]["amnesiac"] > 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timeline = [(r["trained_through"], r.get("event")) for r in rows if r["eval_exp"] == 0]
-    assert timeline == [(-1, None), (0, None), (1, None), (2, None), (2, "unlearned"),
-                        (3, None), (4, None)]  # fmt: skip
+    assert timeline == [
+        (-1, None),
+        (0, None),
+        (1, None),
+        (2, None),
+        (2, "unlearned"),
+        (3, None),
+        (4, None),
+    ]
     saved = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)
     assert not (saved["buffer"]["data"]["e"] == 1).any()
     reference = block["reference"]
@@ -310,19 +334,26 @@ def test_end_to_end_request_with_reference(run_debug):
     assert (run_dir / "unlearning.png").stat().st_size > 10_000
 
     # the same comparison against that reference, given as a path, without retraining it
-    again, _ = run_debug("strategy=amnesiac_replay", "unlearning.requests={2: [1]}",
-                         "strategy.repair_steps=5",
-                         f"unlearning.reference={run_dir / 'reference'}")  # fmt: skip
+    again, _ = run_debug(
+        "strategy=amnesiac_replay",
+        "unlearning.requests={2: [1]}",
+        "strategy.repair_steps=5",
+        f"unlearning.reference={run_dir / 'reference'}",
+    )
     assert again["unlearning"]["reference"]["forgotten"] == reference["forgotten"]
     # ... and a reference that trained on the forgotten experience is refused before training
     with pytest.raises(ConfigError, match=r"trained on experiences \[1\]"):
-        run_debug("strategy=amnesiac_naive", "unlearning.requests={3: [1]}",
-                  f"unlearning.reference={run_dir}")  # fmt: skip
+        run_debug(
+            "strategy=amnesiac_naive",
+            "unlearning.requests={3: [1]}",
+            f"unlearning.reference={run_dir}",
+        )
 
 
 def test_disable_runs_the_same_config_without_unlearning(run_debug):
-    summary, run_dir = run_debug("strategy=amnesiac_lwf", "unlearning.requests={2: [1]}",
-                                 "unlearning.disable=true")  # fmt: skip
+    summary, run_dir = run_debug(
+        "strategy=amnesiac_lwf", "unlearning.requests={2: [1]}", "unlearning.disable=true"
+    )
     assert summary["status"] == "completed" and summary["unlearning"]["disabled"] is True
     assert summary["unlearning"]["events"] == [] and "reference" not in summary["unlearning"]
     assert "unlearned" not in (run_dir / "metrics.jsonl").read_text()
@@ -331,18 +362,39 @@ def test_disable_runs_the_same_config_without_unlearning(run_debug):
     assert plain["final_avg_acc"] == summary["final_avg_acc"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["strategy=lwf", "unlearning.requests={2: [1]}"], "has no unlearning method"),
-    (["strategy=amnesiac_naive", "unlearning.requests={5: [1]}"], r"key 5 must be an experience index"),
-    (["strategy=amnesiac_naive", "unlearning.requests={1: [2]}"], r"experience 2 cannot be forgotten after experience 1"),
-    (["strategy=amnesiac_naive", "unlearning.requests={1: [0], 2: [0]}"], "forgotten twice"),
-    (["strategy=amnesiac_naive", "unlearning.requests={1: []}"], "non-empty list"),
-    (["strategy=amnesiac_naive", "unlearning.exclude=[7]"], r"unlearning.exclude=\[7\]"),
-    (["strategy=amnesiac_naive", "unlearning.requests={1: [0]}", "unlearning.reference=/nonexistent"],
-     "not a completed run directory"),
-    (["strategy=joint", "unlearning.requests={1: [0]}",
-      "+strategy.components.amnesiac={_target_: clrun.strategies.Amnesiac}"], r"component 'joint'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["strategy=lwf", "unlearning.requests={2: [1]}"], "has no unlearning method"),
+        (
+            ["strategy=amnesiac_naive", "unlearning.requests={5: [1]}"],
+            r"key 5 must be an experience index",
+        ),
+        (
+            ["strategy=amnesiac_naive", "unlearning.requests={1: [2]}"],
+            r"experience 2 cannot be forgotten after experience 1",
+        ),
+        (["strategy=amnesiac_naive", "unlearning.requests={1: [0], 2: [0]}"], "forgotten twice"),
+        (["strategy=amnesiac_naive", "unlearning.requests={1: []}"], "non-empty list"),
+        (["strategy=amnesiac_naive", "unlearning.exclude=[7]"], r"unlearning.exclude=\[7\]"),
+        (
+            [
+                "strategy=amnesiac_naive",
+                "unlearning.requests={1: [0]}",
+                "unlearning.reference=/nonexistent",
+            ],
+            "not a completed run directory",
+        ),
+        (
+            [
+                "strategy=joint",
+                "unlearning.requests={1: [0]}",
+                "+strategy.components.amnesiac={_target_: clrun.strategies.Amnesiac}",
+            ],
+            r"component 'joint'",
+        ),
+    ],
+)
 def test_bad_requests_fail_before_training(run_debug, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run_debug(*overrides)
@@ -350,8 +402,13 @@ def test_bad_requests_fail_before_training(run_debug, overrides, message):
 
 @pytest.mark.parametrize("strategy", ["amnesiac_naive", "amnesiac_lwf", "amnesiac_ewc"])
 def test_task_incremental_request_keeps_the_retained_experiences(run_debug, strategy):
-    summary, _ = run_debug(f"strategy={strategy}", "benchmark.scenario=task", "model.head=multi",
-                           "unlearning.requests={3: [1]}", "unlearning.reference=null")  # fmt: skip
+    summary, _ = run_debug(
+        f"strategy={strategy}",
+        "benchmark.scenario=task",
+        "model.head=multi",
+        "unlearning.requests={3: [1]}",
+        "unlearning.reference=null",
+    )
     block = summary["unlearning"]
     assert block["events"][0]["forgotten_acc_before"] > 0.9
     assert block["final_retained_acc"] > 0.9
@@ -359,8 +416,12 @@ def test_task_incremental_request_keeps_the_retained_experiences(run_debug, stra
 
 
 def test_online_stream_records_per_original_experience(run_debug):
-    summary, _ = run_debug("strategy=amnesiac_naive", "benchmark.online_batch_size=64",
-                           "unlearning.requests={4: [0, 2]}", "unlearning.reference=null")  # fmt: skip
+    summary, _ = run_debug(
+        "strategy=amnesiac_naive",
+        "benchmark.online_batch_size=64",
+        "unlearning.requests={4: [0, 2]}",
+        "unlearning.reference=null",
+    )
     (event,) = summary["unlearning"]["events"]
     assert event["forgotten"] == [0, 2] and summary["status"] == "completed"
 
@@ -371,20 +432,32 @@ def test_killed_run_with_a_request_resumes_to_the_same_result(run_debug, tmp_pat
 
     from conftest import clrun
 
-    overrides = ("strategy=amnesiac_replay", "strategy.repair_steps=3", "unlearning.requests={2: [1]}",
-                 "unlearning.reference=null", "+strategy.components.zkill._target_=killer.KillAt",
-                 "checkpoint.every_n_steps=4")  # fmt: skip
+    overrides = (
+        "strategy=amnesiac_replay",
+        "strategy.repair_steps=3",
+        "unlearning.requests={2: [1]}",
+        "unlearning.reference=null",
+        "+strategy.components.zkill._target_=killer.KillAt",
+        "checkpoint.every_n_steps=4",
+    )
     _, uninterrupted = run_debug(*overrides)
     run_dir = tmp_path / "killed"
-    p = clrun("debug=default", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path,
-              env={"CLRUN_TEST_KILL_AT": f"{kill_at}:SIGKILL"})  # fmt: skip
+    p = clrun(
+        "debug=default",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"CLRUN_TEST_KILL_AT": f"{kill_at}:SIGKILL"},
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     resumed, _ = run_debug(*overrides, run_dir=run_dir)
     assert resumed["status"] == "completed"
     for name in ("acc_matrix.csv", "metrics.jsonl"):
         assert (run_dir / name).read_text() == (uninterrupted / name).read_text(), name
-    a, b = (torch.load(d / "checkpoint" / "state.pt", weights_only=True)
-            for d in (run_dir, uninterrupted))  # fmt: skip
+    a, b = (
+        torch.load(d / "checkpoint" / "state.pt", weights_only=True)
+        for d in (run_dir, uninterrupted)
+    )
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -395,8 +468,14 @@ def test_split_mnist_task_il_amnesiac_lwf_forgets_one_experience(tmp_path):
     from conftest import clrun
 
     run_dir = tmp_path / "run"
-    p = clrun("strategy=amnesiac_lwf", "model.head=multi", "benchmark.scenario=task",
-              "unlearning.requests={4: [1]}", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    p = clrun(
+        "strategy=amnesiac_lwf",
+        "model.head=multi",
+        "benchmark.scenario=task",
+        "unlearning.requests={4: [1]}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     block = json.loads((run_dir / "summary.json").read_text())["unlearning"]
     (event,) = block["events"]
@@ -409,8 +488,24 @@ def test_split_mnist_task_il_amnesiac_lwf_forgets_one_experience(tmp_path):
     assert (run_dir / "unlearning.png").exists()
 
 
-@pytest.mark.parametrize("strategy", ["gem", "agem", "si", "mas", "rwalk", "er_ace", "icarl", "der",
-                                      "replay_lwf", "replay_ewc", "cumulative", "gdumb", "xder"])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "gem",
+        "agem",
+        "si",
+        "mas",
+        "rwalk",
+        "er_ace",
+        "icarl",
+        "der",
+        "replay_lwf",
+        "replay_ewc",
+        "cumulative",
+        "gdumb",
+        "xder",
+    ],
+)
 def test_methods_with_a_forget_hook_unlearn_with_amnesiac(run_debug, strategy):
     summary, run_dir = run_debug(
         f"strategy={strategy}",

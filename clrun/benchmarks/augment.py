@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clrun.checks import int_at_least, require
+
 
 class RandomCropFlip:
     """Random crop with zero padding and random horizontal flip for a whole (B, C, H, W) batch:
@@ -21,9 +23,8 @@ class RandomCropFlip:
     from the given generator, so results are the same on every device."""
 
     def __init__(self, padding: int = 4, flip: bool = True):
-        if padding < 0:
-            raise ValueError(f"augmentation padding={padding} must be ≥ 0")
-        self.padding, self.flip = int(padding), bool(flip)
+        self.padding = require("augmentation.padding", padding, int_at_least(0))
+        self.flip = bool(flip)
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"

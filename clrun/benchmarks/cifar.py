@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clrun.benchmarks.core import Benchmark, _finish, _split_dataset, split_by_class
+from clrun.checks import one_of, require
 
 # Per-channel statistics of the training images (R, G, B), on the [0, 1] scale.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -49,8 +50,7 @@ def split_cifar100(
     and FACIL."""
     from clrun.datasets import load_dataset
 
-    if labels not in ("fine", "coarse"):
-        raise ValueError(f"benchmark.labels={labels!r} is not one of fine, coarse")
+    require("benchmark.labels", labels, one_of(("fine", "coarse")))
     data = load_dataset("cifar100", data_dir, path)
     if labels == "coarse":
         data = {**data, "y_train": data["y_train_coarse"], "y_test": data["y_test_coarse"]}

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks.augment import RandomCropFlip
+from clrun.checks import Rule, boolean, int_at_least, is_number, number_above, one_of, require
 
 SCENARIOS = ("class", "task", "domain")
 
@@ -115,17 +116,11 @@ class Benchmark:
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
         self._norm: dict = {}  # (device, ndim) → (shift, scale), built on first use
-        n_in = self.input_shape[0]
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            values = list(value) if isinstance(value, Sequence) else [value]
-            if len(values) not in (1, n_in):
-                raise ValueError(
-                    f"benchmark.{key} has {len(values)} values; give one, or one per channel "
-                    f"({n_in}) of inputs shaped {tuple(self.input_shape)}"
-                )
-            if key == "std" and min(values) <= 0:
-                raise ValueError(f"benchmark.std={value} must be > 0")
+        shape = tuple(self.input_shape)
+        require(
+            "benchmark.mean", self.mean, _per_channel(Rule(is_number, "a finite number"), shape)
+        )
+        require("benchmark.std", self.std, _per_channel(number_above(0), shape))
 
     def to(self, device: torch.device | str) -> Benchmark:
         """Move every experience to ``device``. Tensors shared by several experiences (the one
@@ -199,9 +194,20 @@ class Benchmark:
         self.generator.set_state(state["generator"])
 
 
+def _per_channel(each: Rule, input_shape: tuple[int, ...]) -> Rule:
+    """One value for every channel, or one per channel (per feature for vectors); each ``each``."""
+    n_in = input_shape[0]
+
+    def check(value: object) -> bool:
+        values = list(value) if isinstance(value, Sequence) else [value]
+        return len(values) in (1, n_in) and all(each.check(v) for v in values)
+
+    per_channel = f"a list of {n_in} (one per channel of inputs shaped {input_shape})"
+    return Rule(check, f"{each.allowed}, or {per_channel}")
+
+
 def _check_scenario(scenario: str) -> None:
-    if scenario not in SCENARIOS:
-        raise ValueError(f"benchmark.scenario={scenario!r} is not one of {', '.join(SCENARIOS)}")
+    require("benchmark.scenario", scenario, one_of(SCENARIOS))
 
 
 def _tuple_or_float(v: float | Sequence[float]) -> float | tuple[float, ...]:
@@ -352,8 +358,7 @@ def zero_pad(data: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
     its stored dtype: ``pad=2`` turns MNIST's 28×28 into the 32×32 of van de Ven et al.'s
     protocols (``transforms.Pad(2)``). Normalisation (``normalize=false``: pixels / 255, in [0, 1],
     as theirs) comes after, per batch; the padding is black before it, whatever the mean."""
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-        raise ValueError(f"benchmark.pad={pad!r} must be an integer ≥ 0 (pixels per side)")
+    require("benchmark.pad", pad, Rule(int_at_least(0).check, "an integer ≥ 0 (pixels per side)"))
     if pad == 0:
         return data
     out = dict(data)
@@ -367,8 +372,7 @@ def zero_pad(data: dict[str, Tensor], pad: int) -> dict[str, Tensor]:
 
 
 def _check_normalize(normalize: object) -> None:
-    if not isinstance(normalize, bool):
-        raise ValueError(f"benchmark.normalize={normalize!r} must be true or false")
+    require("benchmark.normalize", normalize, boolean())
 
 
 def online_stream(benchmark: Benchmark, batch_size: int, seed: int) -> Benchmark:
@@ -380,8 +384,7 @@ def online_stream(benchmark: Benchmark, batch_size: int, seed: int) -> Benchmark
     Each mini-experience is indexed by its position in the new train stream; its samples keep
     their original experience in ``e`` (domain transforms, buffers grouped by experience) and
     their task labels in ``t``. ``benchmark.train_origin`` maps it to the original experience."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"benchmark.online_batch_size={batch_size!r} must be an integer ≥ 1")
+    require("benchmark.online_batch_size", batch_size, int_at_least(1))
     g = torch.Generator().manual_seed(seed)
     shuffled: dict[tuple, tuple[Tensor, Tensor]] = {}
     minis: list[Experience] = []

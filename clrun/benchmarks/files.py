@@ -24,6 +24,7 @@ from clrun.benchmarks.core import (
     _tuple_or_float,
     split_by_class,
 )
+from clrun.checks import number_in, one_of, require
 
 FILE_KEYS = ("x", "y", "t", "exp")
 
@@ -90,8 +91,7 @@ def read_arrays(path: str | Path, what: str = "benchmark.path") -> dict[str, Ten
 def _holdout(
     data: dict[str, Tensor], fraction: float, seed: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    if not 0 < fraction < 1:
-        raise ValueError(f"benchmark.test_fraction={fraction} must be in (0, 1)")
+    require("benchmark.test_fraction", fraction, number_in(0, 1, open_lo=True, open_hi=True))
     n = len(data["y"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(n * fraction))
@@ -160,8 +160,7 @@ def from_files(
             "benchmark=from_files needs benchmark.path=<file.npz or file.pt> holding x and y "
             "(see conf/benchmark/from_files.yaml)"
         )
-    if split_by not in ("class", "column"):
-        raise ValueError(f"benchmark.split_by={split_by!r} is not one of class, column")
+    require("benchmark.split_by", split_by, one_of(("class", "column")))
     _check_scenario(scenario)
     train = read_arrays(path, "benchmark.path")
     if test_path is not None:

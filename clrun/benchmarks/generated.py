@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from clrun.benchmarks.core import Benchmark, _check_normalize, _finish, split_by_class, zero_pad
+from clrun.checks import int_at_least, require
 
 
 def synthetic(
@@ -30,10 +31,13 @@ def synthetic(
     """Generated class-incremental data: each class is a random uint8 prototype image plus
     Gaussian pixel noise. Learnable in a few steps, no download; for tests and smoke runs.
     ``pad`` and ``normalize`` as for :func:`split_mnist`."""
-    if n_classes < 2 or train_per_class < 1 or test_per_class < 1 or image_size < 1:
-        raise ValueError(
-            "benchmark: n_classes must be ≥ 2, train/test_per_class and image_size ≥ 1"
-        )
+    require("benchmark.n_classes", n_classes, int_at_least(2))
+    for key, size in (
+        ("train_per_class", train_per_class),
+        ("test_per_class", test_per_class),
+        ("image_size", image_size),
+    ):
+        require(f"benchmark.{key}", size, int_at_least(1))
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(n_classes, 1, image_size, image_size, generator=g) * 255
 

@@ -26,6 +26,7 @@ from clrun.benchmarks.core import (
     _split_dataset,
     zero_pad,
 )
+from clrun.checks import Rule, int_at_least, is_int, optional, require
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -115,18 +116,13 @@ def _domain_stream(
     (applied after the transform: a rotation's zero fill stays black either way)."""
     _check_scenario(scenario)
     _check_normalize(normalize)
-    if n_experiences < 1:
-        raise ValueError(f"benchmark.n_experiences={n_experiences} must be ≥ 1")
+    require("benchmark.n_experiences", n_experiences, int_at_least(1))
     n_train = len(data["y_train"])
-    if train_samples is not None and (
-        isinstance(train_samples, bool)
-        or not isinstance(train_samples, int)
-        or not 1 <= train_samples <= n_train
-    ):
-        raise ValueError(
-            f"benchmark.train_samples_per_experience={train_samples!r} must be null "
-            f"or an integer in 1..{n_train} (the training set's size)"
-        )
+    in_train_set = Rule(
+        lambda v: is_int(v) and 1 <= v <= n_train,
+        f"an integer in 1..{n_train} (the training set's size)",
+    )
+    require("benchmark.train_samples_per_experience", train_samples, optional(in_train_set))
     n_digits = int(data["y_train"].max()) + 1
     g = torch.Generator().manual_seed(seed + 1)  # the subsets (the transforms use ``seed``)
 

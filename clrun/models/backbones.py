@@ -25,6 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clrun.checks import (
+    Rule,
+    boolean,
+    int_at_least,
+    is_int,
+    is_number,
+    number_above,
+    one_of,
+    probability_below_one,
+    require,
+)
 from clrun.models.heads import CLModel, make_head, with_head
 
 
@@ -51,19 +62,12 @@ def mlp(
     weight from U(−a, a), a = √(6 / (fan_in + fan_out)), and sets every bias to 0, the
     initialisation of the DER authors' code (Mammoth's MLP). Either applies to the layers the
     model is built with; units an incremental or multi head grows later keep PyTorch's."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
-    if any(int(h) < 1 for h in hidden_sizes):
-        raise ValueError(f"model.hidden_sizes={list(hidden_sizes)} must be positive integers")
-    if not isinstance(batch_norm, bool):
-        raise ValueError(f"model.batch_norm={batch_norm!r} must be true or false")
-    if init not in MLP_INITS:
-        raise ValueError(f"model.init={init!r} is not one of {', '.join(MLP_INITS)}")
-    for key, v in (("init_std", init_std), ("init_bias", init_bias)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"model.{key}={v!r} must be a finite number")
-    if init_std <= 0:
-        raise ValueError(f"model.init_std={init_std!r} must be > 0")
+    require("model.dropout", dropout, probability_below_one())
+    require("model.hidden_sizes", hidden_sizes, POSITIVE_INTS)
+    require("model.batch_norm", batch_norm, boolean())
+    require("model.init", init, one_of(MLP_INITS))
+    require("model.init_std", init_std, number_above(0))
+    require("model.init_bias", init_bias, Rule(is_number, "a finite number"))
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden_sizes:
@@ -88,6 +92,13 @@ def mlp(
 
 
 MLP_INITS = ("default", "truncated_normal", "xavier_uniform")
+# hidden layer widths; an empty list leaves a linear classifier on the flattened inputs
+POSITIVE_INTS = Rule(
+    lambda v: (
+        isinstance(v, Sequence) and not isinstance(v, str) and all(is_int(h) and h >= 1 for h in v)
+    ),
+    "a list of integers ≥ 1",
+)
 
 
 def cnn(
@@ -99,8 +110,7 @@ def cnn(
 ) -> CLModel:
     """A small convolutional network: per stage two 3×3 conv + ReLU and a 2×2 max-pool, then
     global average pooling. Works for any image size."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    require("model.dropout", dropout, probability_below_one())
     layers: list[nn.Module] = []
     c_in = _image_channels(input_shape, "cnn")
     for c in channels:
@@ -177,8 +187,7 @@ def resnet18_reduced(
 ) -> CLModel:
     """The reduced ResNet-18 of GEM (Lopez-Paz & Ranzato 2017) and A-GEM: basic blocks
     [2, 2, 2, 2] with nf, 2nf, 4nf, 8nf channels (nf=20: 160 features, ~1.1M parameters)."""
-    if nf < 1:
-        raise ValueError(f"model.nf={nf} must be ≥ 1")
+    require("model.nf", nf, int_at_least(1))
     c = _image_channels(input_shape, "resnet18_reduced")
     backbone = ResNet(c, nf, [nf, 2 * nf, 4 * nf, 8 * nf], [2, 2, 2, 2])
     return CLModel(backbone, make_head(head, backbone.out_features, n_classes))
@@ -233,10 +242,8 @@ def mobilenet_v1(
     pointwise + BN + ReLU) up to 1024 channels, global average pooling. ``width_multiplier``
     (α) scales every width; ``stem_stride`` is 2 in the paper (224×224 inputs) and 1 for
     32×32 inputs (the usual CIFAR variant)."""
-    if width_multiplier <= 0:
-        raise ValueError(f"model.width_multiplier={width_multiplier} must be > 0")
-    if stem_stride not in (1, 2):
-        raise ValueError(f"model.stem_stride={stem_stride} must be 1 or 2")
+    require("model.width_multiplier", width_multiplier, number_above(0))
+    require("model.stem_stride", stem_stride, one_of((1, 2)))
     c_in = _image_channels(input_shape, "mobilenet_v1")
 
     def width(c: int) -> int:

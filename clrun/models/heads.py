@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from clrun.benchmarks import Experience
+from clrun.checks import one_of, require
 
 MASKED = -1e4  # logit of a unit a head does not have; finite so KL/CE stay finite
 HEADS = ("single", "incremental", "multi")
@@ -164,13 +165,12 @@ class MultiHeadClassifier(nn.Module):
 
 
 def make_head(kind: str, in_features: int, n_classes: int) -> nn.Module:
+    require("model.head", kind, one_of(HEADS))
     if kind == "single":
         return SingleHead(in_features, n_classes)
     if kind == "incremental":
         return IncrementalClassifier(in_features, n_classes)
-    if kind == "multi":
-        return MultiHeadClassifier(in_features, n_classes)
-    raise ValueError(f"model.head={kind!r} is not one of {', '.join(HEADS)}")
+    return MultiHeadClassifier(in_features, n_classes)
 
 
 class CLModel(nn.Module):

@@ -57,8 +57,9 @@ def add_into(total: dict[str, Tensor], delta: dict[str, Tensor]) -> None:
         elif t.shape == d.shape:
             t += d
         else:
-            grown = torch.zeros(torch.Size(map(max, t.shape, d.shape)), dtype=t.dtype,
-                                device=t.device)  # fmt: skip
+            grown = torch.zeros(
+                torch.Size(map(max, t.shape, d.shape)), dtype=t.dtype, device=t.device
+            )
             grown[old_part(t.shape)] += t
             grown[old_part(d.shape)] += d
             total[name] = grown
@@ -175,15 +176,23 @@ class Amnesiac:
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "before": self.before, "shapes": self.shapes,
-                "check_growth": self.check_growth,
-                "created": {j: {n: [list(o) if o is not None else None, init]
-                                for n, (o, init) in c.items()} for j, c in self.created.items()}}  # fmt: skip
+        return {
+            "updates": self.updates,
+            "before": self.before,
+            "shapes": self.shapes,
+            "check_growth": self.check_growth,
+            "created": {
+                j: {n: [list(o) if o is not None else None, init] for n, (o, init) in c.items()}
+                for j, c in self.created.items()
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = {int(k): dict(v) for k, v in state["updates"].items()}
         self.before = None if state["before"] is None else dict(state["before"])
         self.shapes = {n: tuple(s) for n, s in state["shapes"].items()}
         self.check_growth = state["check_growth"]
-        self.created = {int(j): {n: (tuple(o) if o is not None else None, init)
-                                 for n, (o, init) in c.items()} for j, c in state["created"].items()}  # fmt: skip
+        self.created = {
+            int(j): {n: (tuple(o) if o is not None else None, init) for n, (o, init) in c.items()}
+            for j, c in state["created"].items()
+        }

@@ -139,8 +139,12 @@ class XDER:
 
     def _units(self, k: int, which: str) -> Tensor:
         """(n_classes,) bool: the units of the past / present / future heads of experience k."""
-        return {"past": self.head_of < k, "present": self.head_of == k,
-                "future": self.head_of > k, "now_on": self.head_of >= k}[which]  # fmt: skip
+        return {
+            "past": self.head_of < k,
+            "present": self.head_of == k,
+            "future": self.head_of > k,
+            "now_on": self.head_of >= k,
+        }[which]
 
     def _update_logits(self, old: Tensor, new: Tensor, y: Tensor, units: Tensor) -> Tensor:
         """``old`` with its ``units`` replaced by ``new``'s, scaled to ``gamma`` × the ground-truth
@@ -227,8 +231,13 @@ class XDER:
         with torch.no_grad():
             scale = getattr(state.benchmark, "pixel_scale", 255.0)
             aug = strong_augment(x.repeat_interleave(views, 0), self.memory.generator, scale)
-        views_of = Experience(-1, aug, y.repeat_interleave(views), t.repeat_interleave(views),
-                              e.repeat_interleave(views))  # fmt: skip
+        views_of = Experience(
+            -1,
+            aug,
+            y.repeat_interleave(views),
+            t.repeat_interleave(views),
+            e.repeat_interleave(views),
+        )
         with _batch_norm_frozen(state.model):
             out = state.model(model_input(state, views_of), views_of.t).float()
         out = out.view(len(y), views, -1)
