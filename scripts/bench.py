@@ -95,10 +95,13 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    **{f"mnist_{s}_b{b}": Workload("mnist", s, b)
-       for s in ("naive", "replay", "lwf", "ewc") for b in (32, 128)},
+    **{
+        f"mnist_{s}_b{b}": Workload("mnist", s, b)
+        for s in ("naive", "replay", "lwf", "ewc")
+        for b in (32, 128)
+    },
     **{f"cifar_{s}_b{b}": Workload("cifar", s, b) for s in ("naive", "replay") for b in (32, 128)},
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -118,22 +121,53 @@ def clrun_command(w: Workload, s: Settings, run_dir: str, extra: list[str]) -> l
     if w.data == "mnist":
         data = ["benchmark=split_mnist", "model=mlp", "optimizer=adam", "optimizer.lr=0.001"]
     else:
-        data = ["benchmark=split_cifar10", f"benchmark.path={s.cifar_folder}",
-                "model=resnet18_reduced", "optimizer=sgd", "optimizer.lr=0.05"]  # fmt: skip
-    cmd = [sys.executable, "-m", "clrun", *data, f"strategy={w.strategy}", "strategy.epochs=1",
-           f"strategy.batch_size={w.batch}", "strategy.eval_batch_size=1000",
-           f"threads={s.threads}", f"device={s.device}", f"precision={s.precision}",
-           f"compile={str(s.compile).lower()}", f"channels_last={str(s.channels_last).lower()}",
-           f"deterministic={str(s.deterministic).lower()}", "seed=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
+        data = [
+            "benchmark=split_cifar10",
+            f"benchmark.path={s.cifar_folder}",
+            "model=resnet18_reduced",
+            "optimizer=sgd",
+            "optimizer.lr=0.05",
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clrun",
+        *data,
+        f"strategy={w.strategy}",
+        "strategy.epochs=1",
+        f"strategy.batch_size={w.batch}",
+        "strategy.eval_batch_size=1000",
+        f"threads={s.threads}",
+        f"device={s.device}",
+        f"precision={s.precision}",
+        f"compile={str(s.compile).lower()}",
+        f"channels_last={str(s.channels_last).lower()}",
+        f"deterministic={str(s.deterministic).lower()}",
+        "seed=0",
+        f"hydra.run.dir={run_dir}",
+    ]
     if w.strategy == "replay":
         cmd += ["buffer=class_balanced", f"buffer.max_size={REPLAY_SIZE}"]
     return cmd + ["plots.format=[]"] + extra  # the same work as the bare loop: no plots
 
 
 def bare_command(name: str, s: Settings, result: Path) -> list[str]:
-    cmd = [sys.executable, __file__, "--bare", name, "--result", str(result),
-           "--threads", str(s.threads), "--device", s.device, "--precision", s.precision,
-           "--cifar-folder", s.cifar_folder]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--bare",
+        name,
+        "--result",
+        str(result),
+        "--threads",
+        str(s.threads),
+        "--device",
+        s.device,
+        "--precision",
+        s.precision,
+        "--cifar-folder",
+        s.cifar_folder,
+    ]
     return (
         cmd
         + ["--compile"] * s.compile
@@ -144,9 +178,16 @@ def bare_command(name: str, s: Settings, result: Path) -> list[str]:
 
 def run_once(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                           filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})  # fmt: skip
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
@@ -157,9 +198,15 @@ def clrun_result(run_dir: Path, wall: float) -> dict:
     r = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     R = [[m["acc"] for m in records if m["trained_through"] == i] for i in range(-1, 5)]
-    return {"wall_s": wall, "train_s": r["train_time_s"], "acc": r["final_avg_acc"],
-            "samples_per_s": r["samples_per_s"], "peak_rss_mb": r["peak_rss_mb"],
-            "peak_gpu_mb": r.get("peak_gpu_mem_mb", 0.0), "R": R}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "train_s": r["train_time_s"],
+        "acc": r["final_avg_acc"],
+        "samples_per_s": r["samples_per_s"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "peak_gpu_mb": r.get("peak_gpu_mem_mb", 0.0),
+        "R": R,
+    }
 
 
 def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> list[dict]:
@@ -185,10 +232,18 @@ def benchmark(names: list[str], repeats: int, s: Settings, extra: list[str]) -> 
             for row_c, row_b in zip(c["R"], r["R"], strict=True)
             for a, b in zip(row_c, row_b, strict=True)
         )
-        rows.append({"workload": name, "max_acc_diff": diff, "R": runs["clrun"][0]["R"][1:],
-                     **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()}})  # fmt: skip
-        print(f"{name}: clrun {med['clrun']['wall_s']:.2f}s / bare {med['bare']['wall_s']:.2f}s",
-              file=sys.stderr)  # fmt: skip
+        rows.append(
+            {
+                "workload": name,
+                "max_acc_diff": diff,
+                "R": runs["clrun"][0]["R"][1:],
+                **{f"{k}_{m}": v for k, d in med.items() for m, v in d.items()},
+            }
+        )
+        print(
+            f"{name}: clrun {med['clrun']['wall_s']:.2f}s / bare {med['bare']['wall_s']:.2f}s",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -289,8 +344,10 @@ def bare(name: str, s: Settings, result: Path) -> None:
         shift, scale = 255.0 * MNIST_MEAN, 1.0 / (255.0 * MNIST_STD)
     else:
         data = {}
-        for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
-                             ("test", ["test_batch"])):  # fmt: skip
+        for split, files in (
+            ("train", [f"data_batch_{i}" for i in range(1, 6)]),
+            ("test", ["test_batch"]),
+        ):
             batches = [pickle.loads((Path(s.cifar_folder) / f).read_bytes()) for f in files]
             data[f"x_{split}"] = torch.from_numpy(
                 np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
@@ -324,8 +381,14 @@ def bare(name: str, s: Settings, result: Path) -> None:
         return crops.permute(0, 3, 1, 2).contiguous()
 
     if w.data == "mnist":
-        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400),
-                              nn.ReLU(), nn.Linear(400, 10))  # fmt: skip
+        model = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 400),
+            nn.ReLU(),
+            nn.Linear(400, 400),
+            nn.ReLU(),
+            nn.Linear(400, 10),
+        )
         opt = torch.optim.Adam(model.parameters(), lr=0.001)
     else:
         model = _reduced_resnet18()
@@ -384,13 +447,21 @@ def bare(name: str, s: Settings, result: Path) -> None:
                 if w.strategy == "lwf" and teacher is not None:
                     with torch.no_grad():
                         old = teacher(inp)[:, old_classes]
-                    kl = F.kl_div(F.log_softmax(out[:, old_classes] / 2, 1),
-                                  F.log_softmax(old / 2, 1), log_target=True, reduction="sum")  # fmt: skip
+                    kl = F.kl_div(
+                        F.log_softmax(out[:, old_classes] / 2, 1),
+                        F.log_softmax(old / 2, 1),
+                        log_target=True,
+                        reduction="sum",
+                    )
                     loss = loss + kl / len(inp)
                 if w.strategy == "ewc" and fisher:  # λ/2 Σ_experiences Σ F (θ - θ*)²
-                    total = sum(sum((fi * (p - ai).pow(2)).sum()
-                                    for fi, p, ai in zip(f, model.parameters(), a, strict=True))
-                                for f, a in zip(fisher, anchor, strict=True))  # fmt: skip
+                    total = sum(
+                        sum(
+                            (fi * (p - ai).pow(2)).sum()
+                            for fi, p, ai in zip(f, model.parameters(), a, strict=True)
+                        )
+                        for f, a in zip(fisher, anchor, strict=True)
+                    )
                     loss = loss + 0.5 * 5000 * total
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -440,12 +511,20 @@ def bare(name: str, s: Settings, result: Path) -> None:
             raise FloatingPointError(f"non-finite loss in experience {len(R)}")
         train_s += time.perf_counter() - t0
         R.append(evaluate())
-    result.write_text(json.dumps({
-        "train_s": train_s, "acc": sum(R[-1]) / len(R[-1]), "R": [baseline, *R],
-        "samples_per_s": samples / train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
-    }))  # fmt: skip
+    result.write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "acc": sum(R[-1]) / len(R[-1]),
+                "R": [baseline, *R],
+                "samples_per_s": samples / train_s,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20
+                if device.type == "cuda"
+                else 0.0,
+            }
+        )
+    )
 
 
 def _reduced_resnet18(nf: int = 20, n_classes: int = 10):
@@ -496,8 +575,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="*",
-                    help=f"comma-separated names or patterns (default: all): {', '.join(WORKLOADS)}")  # fmt: skip
+    ap.add_argument(
+        "--workloads",
+        default="*",
+        help=f"comma-separated names or patterns (default: all): {', '.join(WORKLOADS)}",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -509,18 +591,34 @@ def main() -> None:
         action="store_true",
         help="deterministic GPU kernels (both): max ΔR 0 on a GPU too",
     )
-    ap.add_argument("--clrun-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="another clrun override (clrun only; repeatable)")  # fmt: skip
-    ap.add_argument("--cifar-per-class", default="200,20", metavar="TRAIN,TEST",
-                    help="generated CIFAR-10 images per class (default 200,20; real: 5000,1000)")  # fmt: skip
+    ap.add_argument(
+        "--clrun-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another clrun override (clrun only; repeatable)",
+    )
+    ap.add_argument(
+        "--cifar-per-class",
+        default="200,20",
+        metavar="TRAIN,TEST",
+        help="generated CIFAR-10 images per class (default 200,20; real: 5000,1000)",
+    )
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     ap.add_argument("--bare", metavar="WORKLOAD", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--cifar-folder", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot-cost", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    settings = Settings(a.threads, a.device, a.precision, a.compile, a.channels_last,
-                        a.deterministic, a.cifar_folder)  # fmt: skip
+    settings = Settings(
+        a.threads,
+        a.device,
+        a.precision,
+        a.compile,
+        a.channels_last,
+        a.deterministic,
+        a.cifar_folder,
+    )
     if a.bare:
         bare(a.bare, settings, a.result)
         return

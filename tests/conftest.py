@@ -67,9 +67,14 @@ def run_debug(tmp_path: Path):
 def clrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     """The ``clrun`` command in a subprocess (this checkout and tests/ importable)."""
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *_pythonpath(env)])
-    return subprocess.run([sys.executable, "-m", "clrun", *args], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, **(env or {}), "PYTHONPATH": path},
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "clrun", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {}), "PYTHONPATH": path},
+        timeout=timeout,
+    )
 
 
 def _pythonpath(env: dict | None) -> list[str]:
