@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_with_choices, has_torchvision, make_cfg
+from conftest import assert_learned, compose_with_choices, has_torchvision, make_cfg
 from test_datasets import make_cifar, make_cifar_archive, official, write_files
 
 from clrun import benchmarks as bm
@@ -303,6 +303,7 @@ def test_online_run_writes_one_row_per_original_experience(run_debug):
     )
     rows = (run_dir / "acc_matrix.csv").read_text().strip().splitlines()[1:]
     assert summary["status"] == "completed" and len(rows) == 5
+    assert_learned(run_dir)
 
 
 # ---------------------------------------------------------------- your own files
@@ -410,8 +411,11 @@ def test_from_files_runs_end_to_end(run_debug, tmp_path):
 
 
 def test_augmented_cnn_run_end_to_end(run_debug):
-    summary, _ = run_debug("benchmark.augment=true", "strategy.epochs=1")
-    assert summary["status"] == "completed"
+    summary, run_dir = run_debug(
+        "benchmark.augment=true", "model=cnn", "benchmark.scenario=task", "model.head=multi"
+    )
+    assert summary["status"] == "completed" and summary["model"] == "cnn"
+    assert_learned(run_dir)  # through random crops and flips of the 8×8 images
 
 
 # ---------------------------------------------------------------- optional torchvision
