@@ -214,6 +214,19 @@ def _tuple_or_float(v: float | Sequence[float]) -> float | tuple[float, ...]:
     return tuple(float(a) for a in v) if isinstance(v, Sequence) else float(v)
 
 
+def experience_of(
+    i: int, x: Tensor, y: Tensor, t: Tensor | None, idx: Tensor, scenario: str
+) -> Experience:
+    """Experience ``i``: the samples ``idx`` of ``x`` with their labels ``y``. Task labels come
+    from ``t`` where the data has them (task scenario), else they are ``i`` (task) or 0."""
+    if scenario == "task" and t is not None:
+        ti = t[idx].long()
+    else:
+        ti = torch.full_like(y, i if scenario == "task" else 0)
+    xi = _as_images(x.index_select(0, idx))  # 2-5x faster than x[idx] on images
+    return Experience(i, xi, y, ti, torch.full_like(y, i))
+
+
 def _as_images(x: Tensor) -> Tensor:
     """(N, H, W) → (N, 1, H, W); (N, C, H, W) and flat (N, D) unchanged. Keeps the dtype."""
     return x.unsqueeze(1) if x.dim() == 3 else x
@@ -327,12 +340,7 @@ def split_by_class(
         for i in range(n_experiences):
             idx = torch.nonzero(exp_of_class[y] == i).squeeze(1)
             yi = pos_in_exp[y[idx]] if scenario == "domain" else y[idx]
-            if scenario == "task" and t is not None:
-                ti = t[idx].long()
-            else:
-                ti = torch.full_like(yi, i if scenario == "task" else 0)
-            xi = _as_images(x.index_select(0, idx))  # 2-5x faster than x[idx] on images
-            exps.append(Experience(i, xi, yi, ti, torch.full_like(yi, i)))
+            exps.append(experience_of(i, x, yi, t, idx, scenario))
         return exps
 
     return Benchmark(
