@@ -1,7 +1,8 @@
 """The ``clrun`` command: Hydra composes the config, :func:`clrun.run.run` runs it.
 
-The task function returns the final average accuracy so that Hydra sweepers (Optuna) can
-optimise it. Exit statuses are those of :mod:`clrun.errors`: a config error (2) or a known
+The task function returns the summary field named by ``optimize`` (default: the validation final
+average accuracy when ``benchmark.validation`` holds out a split, else the test one) so that Hydra
+sweepers (Optuna) can optimise it; an Optuna search on a test-stream metric prints a warning. Exit statuses are those of :mod:`clrun.errors`: a config error (2) or a known
 runtime failure (4: a dataset that cannot be obtained, a corrupted checkpoint, a diverging loss,
 a run directory that cannot be written) prints one ``clrun: error: ...`` line, the traceback going
 to ``run.log`` and ``summary.json``; an unexpected error keeps Hydra's traceback (1). The run
@@ -68,6 +69,7 @@ def config_dir() -> Path:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     _freeze_startup_objects()
+    from clrun.config import objective
     from clrun.errors import ConfigError, RunFailure
     from clrun.preemption import RunInterrupted
     from clrun.run import run
@@ -79,7 +81,7 @@ def _main(cfg: DictConfig) -> float | None:
     choices = {**{g: hc.runtime.choices.get(g) for g in GROUPS}, "overrides": overrides}
     if hc.mode != RunMode.MULTIRUN:
         try:
-            return run(cfg, run_dir, choices)["final_avg_acc"]
+            return run(cfg, run_dir, choices).get(objective(cfg))
         except ConfigError as e:
             _fail(str(e), EXIT_CONFIG_ERROR)
         except RunFailure as e:
@@ -92,10 +94,10 @@ def _main(cfg: DictConfig) -> float | None:
     done = _completed_summary(run_dir, overrides)
     if done is not None:
         log.info("%s: skipped, %s already holds a completed run of it", job, run_dir)
-        return done.get("final_avg_acc")
+        return done.get(objective(cfg))
     _share_cores_between_jobs(cfg, hc)
     try:
-        return run(cfg, run_dir, choices)["final_avg_acc"]
+        return run(cfg, run_dir, choices).get(objective(cfg))
     except RunInterrupted as e:  # Ctrl-C or SIGTERM: the whole sweep stops (SystemExit)
         print(
             f"clrun: {job} {e}; checkpoint saved. The same command continues the sweep: "
@@ -186,6 +188,28 @@ class RunDirectoryCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _warn_test_set_tuning(config)
+
+
+def _warn_test_set_tuning(config: DictConfig) -> None:
+    """An Optuna search that optimises a test-stream metric tunes on the test set: say so."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if "optuna" not in sweeper.lower():
+        return
+    from clrun.config import objective
+    from clrun.errors import ConfigError
+
+    try:
+        name = objective(config)
+    except ConfigError as e:
+        _fail(str(e), EXIT_CONFIG_ERROR)
+    if not name.startswith("val_"):
+        print(
+            f"clrun: warning: this Optuna search maximises optimize={name}, a test-stream metric: "
+            "the chosen hyperparameters are tuned on the test set. Set benchmark.validation "
+            "(e.g. 0.1) to tune on a held-out validation split instead.",
+            file=sys.stderr,
+        )
 
 
 def _check_writable(folder: Path, key: str) -> None:

@@ -28,11 +28,13 @@ from clrun.checks import (
     not_allowed,
     number_above,
     number_at_least,
+    number_in,
     one_of,
     optional,
     probability_below_one,
 )
 from clrun.errors import ConfigError
+from clrun.metrics import OBJECTIVES
 from clrun.models import HEADS
 from clrun.plots import FORMATS
 
@@ -84,6 +86,8 @@ RULES: dict[str, Rule] = {
     "optimizer.weight_decay": number_at_least(0),
     "optimizer.reset_each_experience": boolean(),
     "buffer.max_size": int_at_least(1),
+    "benchmark.validation": number_in(0, 1, open_hi=True),
+    "optimize": optional(one_of(OBJECTIVES), "null (the validation metric when there is one)"),
     "plots.format": Rule(
         lambda v: isinstance(v, list) and all(f in FORMATS for f in v),
         "a list of " + " | ".join(FORMATS) + ", e.g. [png,pdf]; [] for no plots",
@@ -91,6 +95,32 @@ RULES: dict[str, Rule] = {
 }
 
 _MISSING = object()
+
+
+def objective(cfg: DictConfig) -> str:
+    """The summary field a run returns to a sweeper (``optimize``): as set, else the validation
+    final average accuracy when the benchmark holds out a validation split, else the test one.
+    A validation or task-IL metric the run cannot have is a ConfigError."""
+    name = cfg.get("optimize") or (
+        "val_final_avg_acc"
+        if OmegaConf.select(cfg, "benchmark.validation", default=0)
+        else "final_avg_acc"
+    )
+    if name.startswith("val_") and not OmegaConf.select(cfg, "benchmark.validation", default=0):
+        raise ConfigError(
+            f"optimize={name} needs a validation split: set benchmark.validation (e.g. 0.1)"
+        )
+    return name
+
+
+def check_objective(cfg: DictConfig, benchmark) -> None:
+    """A task-IL ``optimize`` needs a benchmark with task structure (checked once it is built)."""
+    name = objective(cfg)
+    if name.startswith("task_") and benchmark.task_classes is None:
+        raise ConfigError(
+            f"optimize={name}: benchmark {benchmark.name} ({benchmark.scenario} scenario) has no "
+            "task structure, so no task-IL accuracy; optimize a class-IL metric"
+        )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -103,6 +133,7 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not check(value):
             raise ConfigError(not_allowed(key, value, allowed))
+    objective(cfg)
     for group in ("benchmark", "model", "optimizer", "buffer", "lr_schedule"):
         if cfg.get(group) is not None:
             check_signature(cfg[group], group)

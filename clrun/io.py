@@ -22,6 +22,7 @@ RUN_MANAGEMENT_KEYS = (
     "checkpoint",
     "logger",
     "plots",
+    "optimize",
 )
 
 

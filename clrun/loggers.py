@@ -44,7 +44,9 @@ class NoLogger:
     def log_steps(self, first_step: int, losses: Tensor) -> None:
         pass
 
-    def log_experience(self, i: int, results: list[dict], timing: dict, acc_matrix) -> None:
+    def log_experience(
+        self, i: int, results: list[dict], timing: dict, acc_matrix, validation=None
+    ) -> None:
         pass
 
     def close(self, summary: dict) -> None:

@@ -10,6 +10,11 @@ accuracy of the untrained model on experience j. With T experiences:
 - FWT                     = mean_{j>0} ( R[j-1][j] - b[j] )          (Lopez-Paz & Ranzato 2017)
 
 Forgetting, BWT and FWT are None for a single experience. All accuracies are fractions in [0, 1].
+
+The same definitions give the validation metrics (``val_*``: the matrix of the validation stream,
+``benchmark.validation``) and the task-IL metrics (``task_*``: the matrix of task-IL accuracies,
+the logits restricted to the classes of the sample's experience, on benchmarks with task
+structure).
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from clrun.io import write_atomic
+
+
+METRICS = ("final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt")
+# what ``optimize`` may name: every metric on the test stream, the validation stream, task-IL
+OBJECTIVES = tuple(p + m for p in ("", "val_", "task_") for m in METRICS)
 
 
 def final_avg_acc(R: np.ndarray) -> float:
@@ -73,6 +83,8 @@ class Recorder:
         self.T = n_experiences
         self.initial: list[dict] = []  # evaluation of the untrained model (FWT baseline)
         self.rows: list[list[dict]] = []  # rows[i][j]: after training through experience i
+        self.val_initial: list[dict] = []  # the same on the validation stream, if there is one
+        self.val_rows: list[list[dict]] = []
         self.timings: list[dict] = []  # per experience: train/eval seconds, steps, samples
         self.unlearned: list[dict] = []  # evaluations right after an unlearning request
         self.started = started or time.perf_counter()  # when this process started the run
@@ -83,14 +95,26 @@ class Recorder:
         """Seconds the run has taken so far, summed over the processes that resumed it."""
         return self.earlier_wall_s + time.perf_counter() - self.started
 
-    def record(self, trained_through: int, results: list[dict]) -> None:
-        results = [
-            {"trained_through": trained_through, "eval_exp": j, **r} for j, r in enumerate(results)
-        ]
+    def record(
+        self, trained_through: int, results: list[dict], validation: list[dict] | None = None
+    ) -> None:
+        """The evaluation after training through experience ``trained_through`` (-1: the
+        untrained model) on the test stream, and on the validation stream if there is one."""
+
+        def rows(stream: str, res: list[dict]) -> list[dict]:
+            return [
+                {"trained_through": trained_through, "eval_exp": j, "stream": stream, **r}
+                for j, r in enumerate(res)
+            ]
+
+        test = rows("test", results)
+        val = rows("validation", validation) if validation is not None else None
         if trained_through < 0:
-            self.initial = results
+            self.initial, self.val_initial = test, val or []
         else:
-            self.rows.append(results)
+            self.rows.append(test)
+            if val is not None:
+                self.val_rows.append(val)
         self.flush()
 
     def add_timing(self, experience: int, work: dict, eval_s: float) -> None:
@@ -133,13 +157,34 @@ class Recorder:
 
     @property
     def acc_matrix(self) -> np.ndarray:
-        return np.array([[r["acc"] for r in row] for row in self.rows], dtype=float).reshape(
-            -1, self.T
-        )
+        return _matrix(self.rows, "acc", self.T)
 
     @property
     def baseline(self) -> np.ndarray:
         return np.array([r["acc"] for r in self.initial], dtype=float)
+
+    @property
+    def val_acc_matrix(self) -> np.ndarray | None:
+        """R on the validation stream; None without a validation split."""
+        return _matrix(self.val_rows, "acc", self.T) if self.val_rows else None
+
+    @property
+    def task_acc_matrix(self) -> np.ndarray | None:
+        """Task-IL R on the test stream; None where the benchmark has no task structure."""
+        if not self.rows or self.rows[0][0].get("task_acc") is None:
+            return None
+        return _matrix(self.rows, "task_acc", self.T)
+
+    def summaries(self) -> dict:
+        """The metrics of every matrix the run has: test, ``val_`` and ``task_`` prefixed."""
+        out = summarize(self.acc_matrix, self.baseline)
+        if (V := self.val_acc_matrix) is not None:
+            b = np.array([r["acc"] for r in self.val_initial], dtype=float)
+            out.update({f"val_{k}": v for k, v in summarize(V, b).items()})
+        if (A := self.task_acc_matrix) is not None:
+            b = np.array([r["task_acc"] for r in self.initial], dtype=float)
+            out.update({f"task_{k}": v for k, v in summarize(A, b).items()})
+        return out
 
     def flush(self) -> None:
         timeline = [self.initial]
@@ -159,12 +204,20 @@ class Recorder:
                             for j, r in enumerate(u["results"])
                         ]
                     )
+        if self.val_initial:  # after each test row, the validation row of the same point
+            val = [self.val_initial, *self.val_rows]
+            timeline = [r for row in timeline for r in (row, *_same_point(row, val))]
         lines = [json.dumps(r) for row in timeline for r in row]
         write_atomic(self.run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
-        if self.rows:
-            header = ",".join(f"exp{j}" for j in range(self.T))
-            body = "\n".join(",".join(f"{a:.6f}" for a in row) for row in self.acc_matrix)
-            write_atomic(self.run_dir / "acc_matrix.csv", header + "\n" + body + "\n")
+        for name, R in (
+            ("acc_matrix.csv", self.acc_matrix if self.rows else None),
+            ("val_acc_matrix.csv", self.val_acc_matrix),
+            ("task_acc_matrix.csv", self.task_acc_matrix),
+        ):
+            if R is not None:
+                header = ",".join(f"exp{j}" for j in range(self.T))
+                body = "\n".join(",".join(f"{a:.6f}" for a in row) for row in R)
+                write_atomic(self.run_dir / name, header + "\n" + body + "\n")
 
     def state_dict(self) -> dict:
         return {
@@ -173,13 +226,29 @@ class Recorder:
             "timings": self.timings,
             "unlearned": self.unlearned,
             "wall_time_s": self.wall_time_s,
+            "val_initial": self.val_initial,
+            "val_rows": self.val_rows,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.initial, self.rows, self.timings = state["initial"], state["rows"], state["timings"]
         self.unlearned = state.get("unlearned", [])
+        self.val_initial, self.val_rows = state.get("val_initial", []), state.get("val_rows", [])
         self.earlier_wall_s = state.get("wall_time_s", 0.0)
         self.started = time.perf_counter()
+
+
+def _matrix(rows: list[list[dict]], key: str, T: int) -> np.ndarray:
+    return np.array([[r[key] for r in row] for row in rows], dtype=float).reshape(-1, T)
+
+
+def _same_point(test_row: list[dict], val_rows: list[list[dict]]) -> list[list[dict]]:
+    """The validation row evaluated at the same point as ``test_row`` (none for the rows
+    written right after an unlearning request)."""
+    if test_row and test_row[0].get("event") == "unlearned":
+        return []
+    i = test_row[0]["trained_through"] if test_row else -2
+    return [row for row in val_rows if row and row[0]["trained_through"] == i]
 
 
 class Work:
@@ -224,7 +293,7 @@ def run_summary(recorder: Recorder, device=None) -> dict:
     R, timings = recorder.acc_matrix, recorder.timings
     train_s = sum(t["train_s"] for t in timings)
     out = {
-        **summarize(R, recorder.baseline),
+        **recorder.summaries(),
         "experiences_done": len(R),
         "steps": sum(t["steps"] for t in timings),
         "wall_time_s": recorder.wall_time_s,

@@ -118,12 +118,16 @@ def closing_lines(summary: dict, run_dir: Path) -> str:
     def fmt(v) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
-    return "\n".join(
-        [
-            f"{summary.get('status')}: {summary.get('experiences_done')} experiences in "
-            f"{summary.get('wall_time_s', 0):.1f} s",
-            f"  final average accuracy  {fmt(summary.get('final_avg_acc'))}",
-            f"  forgetting              {fmt(summary.get('forgetting'))}",
-            f"  run directory           {Path(run_dir).resolve()}",
-        ]
-    )
+    lines = [
+        f"{summary.get('status')}: {summary.get('experiences_done')} experiences in "
+        f"{summary.get('wall_time_s', 0):.1f} s",
+        f"  final average accuracy  {fmt(summary.get('final_avg_acc'))}",
+    ]
+    for key, name in (("task_final_avg_acc", "  task-IL"), ("val_final_avg_acc", "  validation")):
+        if summary.get(key) is not None:
+            lines.append(f"{name:<26}{fmt(summary[key])}")
+    lines += [
+        f"  forgetting              {fmt(summary.get('forgetting'))}",
+        f"  run directory           {Path(run_dir).resolve()}",
+    ]
+    return "\n".join(lines)

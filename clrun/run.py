@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clrun import checkpoint, plots, unlearning
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
-from clrun.config import build, resolve_device, set_deterministic, validate
+from clrun.config import build, check_objective, resolve_device, set_deterministic, validate
 from clrun.errors import TrainingDiverged
 from clrun.io import flatten
 from clrun.loggers import NoLogger
@@ -75,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
 
         # --- build: benchmark, model, buffer, strategy components, optimiser ---
         benchmark = build(cfg.benchmark, "benchmark").to(device)
+        check_objective(cfg, benchmark)
         shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
         model = build(cfg.model, "model", **shape).to(device)
         if cfg.get("channels_last"):
@@ -121,6 +122,13 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
             )
             checkpoint.save(run_dir, saved)
 
+        def evaluate_streams() -> tuple[list[dict], list[dict] | None]:
+            """The test stream, and the validation stream if the benchmark holds one out."""
+            test = evaluate(state, components, s.eval_batch_size)
+            if not benchmark.validation_stream:
+                return test, None
+            return test, evaluate(state, components, s.eval_batch_size, benchmark.validation_stream)
+
         # --- resume from a checkpoint, or evaluate the untrained model (the FWT baseline) ---
         start, position = 0, None
         saved = checkpoint.load_for_resume(cfg, run_dir, device)
@@ -131,7 +139,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
             where = f"experience {start}, step {state.step}"
             log.info("resumed from %s at %s", checkpoint.FILE, where)
         else:
-            recorder.record(-1, evaluate(state, components, s.eval_batch_size))
+            recorder.record(-1, *evaluate_streams())
 
         # --- from here on, SIGTERM / SIGINT finish the step, checkpoint and stop ---
         stop = outcome.stop = StopSignal()
@@ -171,10 +179,11 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
             if benchmark.ends_experience(exp.index):  # online streams: once per original one
                 i = benchmark.origin(exp.index)
                 t0 = time.perf_counter()
-                results = evaluate(state, components, s.eval_batch_size)
+                results, validation = evaluate_streams()
                 recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0)
-                recorder.record(i, results)
-                logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
+                recorder.record(i, results, validation)
+                timing = recorder.timings[-1]
+                logger.log_experience(i, results, timing, recorder.acc_matrix, validation)
                 log.info(recorder.progress(i))
                 if plan.active and i in plan.requests:
 
@@ -276,17 +285,31 @@ def train_experience(
 
 
 @torch.inference_mode()
-def evaluate(state: RunState, components: Components, batch_size: int) -> list[dict]:
-    """Accuracy and mean loss on every test experience (counts stay on the device until the
-    end). A component's ``predict`` replaces the model's logits."""
-    model = state.model
+def evaluate(
+    state: RunState,
+    components: Components,
+    batch_size: int,
+    stream: list[Experience] | None = None,
+) -> list[dict]:
+    """Accuracy, mean loss and task-IL accuracy on every experience of ``stream`` (default: the
+    test stream). A component's ``predict`` replaces the model's logits. Task-IL accuracy comes
+    from the same logits restricted to the classes of the sample's experience (None where the
+    benchmark has no task structure): one forward pass, two argmaxes. Counts stay on the device
+    until the end."""
+    model, benchmark = state.model, state.benchmark
+    stream = benchmark.test_stream if stream is None else stream
+    task_classes = benchmark.task_classes
     predict = components.provider("predict")
     was_training = model.training
     model.eval()
     sums = []
-    for exp in state.benchmark.test_stream:
+    for exp in stream:
         correct = torch.zeros((), device=state.device)
+        task_correct = torch.zeros((), device=state.device)
         loss = torch.zeros((), device=state.device)
+        if task_classes is not None:
+            own = torch.zeros(benchmark.n_classes, dtype=torch.bool, device=state.device)
+            own[task_classes[exp.index]] = True
         for i in range(0, len(exp), batch_size):
             x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
             y, t = exp.y[i : i + batch_size], exp.t[i : i + batch_size]
@@ -294,12 +317,20 @@ def evaluate(state: RunState, components: Components, batch_size: int) -> list[d
                 out = predict(state, x, t) if predict else model(x, t)
             correct += (out.argmax(1) == y).sum()
             loss += F.cross_entropy(out.float(), y, reduction="sum")
-        sums.append(torch.stack([correct, loss]))
+            if task_classes is not None:
+                within = out.float().masked_fill(~own[: out.shape[1]], -math.inf)
+                task_correct += (within.argmax(1) == y).sum()
+        sums.append(torch.stack([correct, loss, task_correct]))
     model.train(was_training)
-    values = torch.stack(sums).tolist()
+    values = torch.stack(sums).tolist() if sums else []
     return [
-        {"acc": c / len(exp), "loss": lo / len(exp), "n": len(exp)}
-        for (c, lo), exp in zip(values, state.benchmark.test_stream, strict=True)
+        {
+            "acc": c / len(exp),
+            "loss": lo / len(exp),
+            "task_acc": tc / len(exp) if task_classes is not None else None,
+            "n": len(exp),
+        }
+        for (c, lo, tc), exp in zip(values, stream, strict=True)
     ]
 
 

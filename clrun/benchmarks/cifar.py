@@ -25,6 +25,7 @@ def split_cifar10(
     augment: bool = True,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
 ) -> Benchmark:
     """Split CIFAR-10: the 10 classes in ``n_experiences`` experiences (5×2 by default)."""
     return _split_dataset("split_cifar10", "cifar10", CIFAR10_MEAN, CIFAR10_STD, **locals())
@@ -42,6 +43,7 @@ def split_cifar100(
     augment: bool = True,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
 ) -> Benchmark:
     """Split CIFAR-100: 100 fine classes (or the 20 superclasses, ``labels="coarse"``) in
     ``n_experiences`` experiences: 10×10 by default, 20×5 with 20, or ``first_experience_classes``
@@ -70,4 +72,10 @@ def split_cifar100(
         n_classes=n,
     )
     b.info["labels"] = labels
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b,
+        augment=augment,
+        online=online,
+        online_batch_size=online_batch_size,
+        validation=validation,
+    )

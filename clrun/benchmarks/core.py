@@ -18,6 +18,12 @@ Scenarios (``benchmark.scenario``):
   class inside its experience (for the default order of Split MNIST: ``y mod 2``, even/odd);
   permuted and rotated MNIST keep the digit labels.
 
+Validation (``benchmark.validation``, a fraction in [0, 1)): a seeded, class-stratified share of
+every training experience is held out into ``Benchmark.validation_stream`` (one validation
+experience per training experience, same index, task labels and ``e``) and never trained on. It
+is cut before the online stream, so an online stream streams only what is left. Experiences that
+share their raw images (permuted MNIST) hold out the same images, so memory stays flat.
+
 Online streams (``benchmark.online=true``): every training experience is cut, in a seeded random
 order, into mini-experiences of ``benchmark.online_batch_size`` samples, each to be trained in
 one pass (``strategy.epochs=1``), as Avalanche's ``ocl_split`` does. The test stream keeps one
@@ -41,7 +47,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks.augment import RandomCropFlip
-from clrun.checks import Rule, boolean, int_at_least, is_number, number_above, one_of, require
+from clrun.checks import (
+    Rule,
+    boolean,
+    int_at_least,
+    is_number,
+    number_above,
+    number_in,
+    one_of,
+    require,
+)
 
 SCENARIOS = ("class", "task", "domain")
 
@@ -112,6 +127,7 @@ class Benchmark:
     seed: int = 0  # seeds the benchmark's generator (augmentation)
     pixel_scale: float = 255.0  # raw value of a white pixel: 255 for uint8, 1 for float data
     train_origin: list[int] | None = None  # online: original experience of each train one
+    validation_stream: list[Experience] = field(default_factory=list)  # held out of training
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -139,6 +155,7 @@ class Benchmark:
             ]
 
         self.train_stream, self.test_stream = stream(self.train_stream), stream(self.test_stream)
+        self.validation_stream = stream(self.validation_stream)
         if hasattr(self.transform, "to"):
             self.transform = self.transform.to(device)
         return self
@@ -185,6 +202,18 @@ class Benchmark:
         points where a runner evaluates and writes a row of the accuracy matrix."""
         o = self.train_origin
         return o is None or i + 1 == len(o) or o[i + 1] != o[i]
+
+    @cached_property
+    def task_classes(self) -> list[list[int]] | None:
+        """The classes of each test experience, where the stream has task structure (some
+        experience holds only part of the label space: Split benchmarks, class or task
+        scenario), else None. Task-IL accuracy restricts a sample's logits to these classes."""
+        if self.scenario == "domain":
+            return None
+        classes = [ex.classes for ex in self.test_stream]
+        if all(len(c) >= self.n_classes for c in classes):
+            return None
+        return classes
 
     def state_dict(self) -> dict:
         """The benchmark's random state (its augmentation generator): checkpoint it."""
@@ -413,6 +442,45 @@ def online_stream(benchmark: Benchmark, batch_size: int, seed: int) -> Benchmark
     return benchmark
 
 
+def hold_out_validation(benchmark: Benchmark, fraction: float, seed: int) -> Benchmark:
+    """Move a seeded, class-stratified ``fraction`` of every training experience into
+    ``benchmark.validation_stream``: of each class's n samples, round(n × fraction) are held out
+    (at least one when n ≥ 2 and the fraction is above 0, at most n - 1), drawn with a generator
+    seeded by ``seed``. Both parts keep the samples' original order. Experiences whose raw inputs
+    are the same tensor (permuted and rotated MNIST) share one split of it."""
+    require("benchmark.validation", fraction, number_in(0, 1, open_hi=True))
+    if fraction == 0:
+        return benchmark
+    g = torch.Generator().manual_seed(seed + 7919)  # apart from the class order's draws
+    splits: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+    train, validation = [], []
+    for ex in benchmark.train_stream:
+        key = (ex.x.data_ptr(), ex.x.dtype, tuple(ex.x.shape))
+        if key not in splits:
+            keep, held = _stratified_split(ex.y, fraction, g)
+            splits[key] = (keep, held, ex.x.index_select(0, keep), ex.x.index_select(0, held))
+        keep, held, x_keep, x_held = splits[key]
+        train.append(Experience(ex.index, x_keep, ex.y[keep], ex.t[keep], ex.e[keep]))
+        validation.append(Experience(ex.index, x_held, ex.y[held], ex.t[held], ex.e[held]))
+    benchmark.train_stream, benchmark.validation_stream = train, validation
+    benchmark.info["validation"] = fraction
+    return benchmark
+
+
+def _stratified_split(y: Tensor, fraction: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(kept, held-out) indices into ``y``, each sorted: per class, a random round(n × fraction)
+    held out (clamped to 1..n-1 where n ≥ 2)."""
+    held = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).squeeze(1)
+        n = len(idx)
+        k = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+        held.append(idx[torch.randperm(n, generator=g)[:k]])
+    out = torch.zeros(len(y), dtype=torch.bool)
+    out[torch.cat(held)] = True
+    return torch.nonzero(~out).squeeze(1), torch.nonzero(out).squeeze(1)
+
+
 def _finish(
     b: Benchmark,
     *,
@@ -420,8 +488,11 @@ def _finish(
     flip: bool = True,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
 ) -> Benchmark:
-    """Apply the options every benchmark shares: augmentation, online stream."""
+    """Apply the options every benchmark shares: the validation split, augmentation, the online
+    stream (cut from what the validation split leaves)."""
+    hold_out_validation(b, validation, b.seed)
     if augment:
         if len(b.input_shape) != 3:
             raise ValueError(
@@ -444,6 +515,7 @@ def _split_dataset(
     augment: bool,
     online: bool,
     online_batch_size: int,
+    validation: float = 0.0,
     flip: bool = True,
     path: str | None = None,
     pad: int = 0,
@@ -462,5 +534,10 @@ def _split_dataset(
     b = split_by_class(name, data, mean=mean, std=std, **split)
     b.info.update(pad=pad, normalize=normalize)
     return _finish(
-        b, augment=augment, flip=flip, online=online, online_batch_size=online_batch_size
+        b,
+        augment=augment,
+        flip=flip,
+        online=online,
+        online_batch_size=online_batch_size,
+        validation=validation,
     )

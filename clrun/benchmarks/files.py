@@ -147,6 +147,7 @@ def from_files(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
 ) -> Benchmark:
     """Your own arrays as a benchmark: ``path`` (and ``test_path``, or a seeded ``test_fraction``
     of ``path`` held out) are ``.npz`` / ``.pt`` files with ``x`` (uint8 0..255 or float inputs:
@@ -227,7 +228,13 @@ def from_files(
             "needs test samples (check the test file's classes or exp column)"
         )
     b.info.update(path=str(path), label_values=label_values, split_by=split_by)
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b,
+        augment=augment,
+        online=online,
+        online_batch_size=online_batch_size,
+        validation=validation,
+    )
 
 
 def split_by_column(
@@ -280,6 +287,7 @@ def image_folder(
     augment: bool = True,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
 ) -> Benchmark:
     """Class-per-folder image trees (``path/<class>/<image>``; or ``path/train/<class>/...`` and
     ``path/test/<class>/...`` (or ``val``)), read with torchvision's ``ImageFolder``, resized
@@ -325,4 +333,10 @@ def image_folder(
         n_classes=len(classes),
     )
     b.info.update(path=str(root), classes=classes)
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b,
+        augment=augment,
+        online=online,
+        online_batch_size=online_batch_size,
+        validation=validation,
+    )

@@ -25,6 +25,7 @@ def synthetic(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
     pad: int = 0,
     normalize: bool = True,
 ) -> Benchmark:
@@ -60,4 +61,10 @@ def synthetic(
         mean=0.5 if normalize else 0.0,
         std=0.3 if normalize else 1.0,
     )
-    return _finish(b, augment=augment, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b,
+        augment=augment,
+        online=online,
+        online_batch_size=online_batch_size,
+        validation=validation,
+    )

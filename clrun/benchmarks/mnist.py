@@ -41,6 +41,7 @@ def split_mnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
     pad: int = 0,
     normalize: bool = True,
 ) -> Benchmark:
@@ -60,6 +61,7 @@ def split_fmnist(
     augment: bool = False,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
     pad: int = 0,
     normalize: bool = True,
 ) -> Benchmark:
@@ -161,6 +163,7 @@ def permuted_mnist(
     data_dir: str | None = None,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
     train_samples_per_experience: int | None = None,
     normalize: bool = True,
     pad: int = 0,
@@ -188,7 +191,9 @@ def permuted_mnist(
         train_samples_per_experience,
         normalize,
     )
-    return _finish(b, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b, online=online, online_batch_size=online_batch_size, validation=validation
+    )
 
 
 def rotated_mnist(
@@ -199,6 +204,7 @@ def rotated_mnist(
     data_dir: str | None = None,
     online: bool = False,
     online_batch_size: int = 10,
+    validation: float = 0.0,
     train_samples_per_experience: int | None = None,
     normalize: bool = True,
 ) -> Benchmark:
@@ -230,4 +236,6 @@ def rotated_mnist(
         train_samples_per_experience,
         normalize,
     )
-    return _finish(b, online=online, online_batch_size=online_batch_size)
+    return _finish(
+        b, online=online, online_batch_size=online_batch_size, validation=validation
+    )
