@@ -29,7 +29,6 @@ import numpy as np
 
 from clrun.io import write_atomic
 
-
 METRICS = ("final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt")
 # what ``optimize`` may name: every metric on the test stream, the validation stream, task-IL
 OBJECTIVES = tuple(p + m for p in ("", "val_", "task_") for m in METRICS)

@@ -28,7 +28,10 @@ def final_state(run_dir: Path) -> dict:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    assert (a / "acc_matrix.csv").read_text() == (b / "acc_matrix.csv").read_text()
+    for name in ("acc_matrix.csv", "val_acc_matrix.csv", "task_acc_matrix.csv"):
+        assert (a / name).exists() == (b / name).exists(), name
+        if (a / name).exists():
+            assert (a / name).read_text() == (b / name).read_text(), name
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     ma, mb = final_state(a)["model"], final_state(b)["model"]
     assert ma.keys() == mb.keys()
@@ -52,8 +55,9 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, 
             "model.batch_norm=true",
             "strategy.epochs=3",
         ),  # the rate changes every epoch
+        ("strategy=der", "benchmark.validation=0.2"),  # the validation stream is evaluated too
     ],
-    ids=["replay_step_update", "gdumb_sgdr_batch_norm"],
+    ids=["replay_step_update", "gdumb_sgdr_batch_norm", "der_validation"],
 )
 def test_sigkill_then_resume_with_a_step_buffer_or_an_lr_schedule(run_debug, tmp_path, overrides):
     _kill_anywhere_then_resume(run_debug, tmp_path, *overrides)

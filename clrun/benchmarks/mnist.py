@@ -191,9 +191,7 @@ def permuted_mnist(
         train_samples_per_experience,
         normalize,
     )
-    return _finish(
-        b, online=online, online_batch_size=online_batch_size, validation=validation
-    )
+    return _finish(b, online=online, online_batch_size=online_batch_size, validation=validation)
 
 
 def rotated_mnist(
@@ -236,6 +234,4 @@ def rotated_mnist(
         train_samples_per_experience,
         normalize,
     )
-    return _finish(
-        b, online=online, online_batch_size=online_batch_size, validation=validation
-    )
+    return _finish(b, online=online, online_batch_size=online_batch_size, validation=validation)
