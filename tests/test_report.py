@@ -212,12 +212,12 @@ def test_report_plots_default_to_the_runs_plots_format(sweep, tmp_path):
     for run in ("0", "1"):  # the runs record plots.format in their .hydra/config.yaml
         (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: [svg]\n")
     report.report([sweep], tmp_path / "out")
-    made = {p.suffix for p in (tmp_path / "out").iterdir()} - {".md", ".csv"}
+    made = {p.suffix for p in (tmp_path / "out").iterdir()} - {".md", ".csv", ".tex"}
     assert made == {".svg", ".png"}  # runs 2 and 10 say nothing: png, the default
     for run in ("2", "10"):
         (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: []\n")
     report.report([sweep], tmp_path / "out2")
-    assert {p.suffix for p in (tmp_path / "out2").iterdir()} == {".md", ".csv", ".svg"}
+    assert {p.suffix for p in (tmp_path / "out2").iterdir()} == {".md", ".csv", ".tex", ".svg"}
 
 
 def test_report_command_line_format(sweep, tmp_path):
