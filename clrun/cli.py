@@ -20,8 +20,9 @@ In a multirun (``-m``, or a sweeper preset) every job runs whatever the others d
   the Optuna sweeper records as a failed trial (NaN would crash optuna 2.10's ``tell``); the
   sweep goes on. A job stopped by a signal (Ctrl-C, SIGTERM) stops the sweep with status 3;
   the same command continues it (``resume=auto`` picks up the stopped job's checkpoint);
-- after the sweep, ``clrun`` exits with status 1 and lists the runs of the sweep directory that
-  did not complete;
+- after the sweep, ``clrun`` writes the report of the sweep directory (``clrun-report``'s
+  report.md, report.tex, runs.csv and plots; its path printed), then exits with status 1 and
+  lists the runs of the sweep directory that did not complete, if any;
 - under the joblib launcher with ``threads=null``, each job gets cores // n_jobs torch threads.
 """
 
@@ -245,6 +246,20 @@ class SweepOutcome(Callback):
             for r in bad:
                 print(f"  {r.dir}: {r.status}{': ' + r.error if r.error else ''}", file=sys.stderr)
             sys.exit(EXIT_FAILED)
+
+
+class SweepReport(Callback):
+    """Hydra callback: after all jobs of a multirun ran, write ``clrun-report``'s files for the
+    sweep directory (report.md, report.tex, runs.csv, plots) and print the path of report.md.
+    Registered after ``sweep_outcome`` in conf/config.yaml because Hydra calls the
+    ``on_multirun_end`` callbacks in reverse order: the report is written before
+    :class:`SweepOutcome` exits 1 for runs that failed. A report that cannot be made is one
+    warning line, never a failed sweep (:func:`clrun.report.sweep_report`)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from clrun.report import sweep_report
+
+        sweep_report(Path(config.hydra.sweep.dir))
 
 
 def _job_key(overrides: list[str]) -> list[str]:

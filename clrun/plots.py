@@ -1,5 +1,6 @@
 """Plots of a run, drawn with matplotlib: the accuracy matrix as a heatmap, the accuracy on each
-experience over time, and the unlearning timeline.
+experience over time, the unlearning timeline, and the figures of ``clrun-report`` (groups of
+runs: bars, curves, mean heatmaps, a metric against a hyperparameter).
 
 ``plots.format`` (conf/config.yaml) lists the file types to write: ``png``, ``pdf``, ``svg``, one
 file per plot and type (``acc_matrix.pdf``, ...). ``[]`` writes none, and then matplotlib is not
@@ -275,5 +276,91 @@ def _unlearning_figure(recorder, block: dict, title: str):
             for k, d in reference["forgotten"].items()
         )
         ax.set_title(f"final model vs reference ({js})", fontsize=8)
+        legend_right(ax)
+    return fig
+
+
+# ------------------------------------------------------------------ reports (clrun-report)
+
+
+def group_bars(stats: dict[str, tuple[float, float, int]], xlabel: str, unit: bool = True):
+    """One horizontal bar per group of runs: the mean of a metric, error bar = its std, the
+    label naming n. ``unit``: the metric lies in [0, 1] (an accuracy), the axis shows all of
+    it."""
+    fig = figure((7, 1.0 + 0.4 * len(stats)))
+    ax = fig.subplots()
+    means = [0.0 if np.isnan(m) else m for m, _, _ in stats.values()]
+    xerr = [0.0 if np.isnan(s) else s for _, s, _ in stats.values()]
+    ax.barh(range(len(stats)), means, xerr=xerr, capsize=4)
+    labels = [f"{g} (n={n})" for g, (_, _, n) in stats.items()]
+    ax.set_yticks(range(len(stats)), labels, fontsize=8)
+    ax.invert_yaxis()
+    if unit:
+        ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    return fig
+
+
+def group_curves(curves: dict[str, np.ndarray], ylabel: str):
+    """One line per group: ``curves[label]`` holds one row per run of the average accuracy on
+    the experiences seen so far after each experience 1..T; the line is their mean, the band
+    ± their std (two runs or more). The legend right of the axes."""
+    fig = figure((9, 4.5))
+    ax = fig.subplots()
+    for name, c in curves.items():
+        x, mean = np.arange(1, c.shape[1] + 1), c.mean(0)
+        (line,) = ax.plot(x, mean, marker="o", label=f"{name} (n={len(c)})")
+        if len(c) > 1:
+            std = c.std(0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        ax.set_xticks(x)
+    ax.set_xlabel("trained through experience")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    if ax.get_legend_handles_labels()[1]:
+        legend_right(ax)
+    return fig
+
+
+def group_matrices(matrices: dict[str, np.ndarray]):
+    """One heatmap per group (its runs' mean R[i][j]), drawn as a run's heatmap is, four to a
+    row."""
+    cols = max(1, min(4, len(matrices)))
+    rows = max(1, -(-len(matrices) // cols))
+    fig = figure((3.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(matrices) :]:
+        ax.axis("off")
+    for ax, (name, R) in zip(axes.flat, matrices.items(), strict=False):
+        draw_matrix(ax, R, fontsize=6)
+        ax.set_title(name, fontsize=8)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
+    return fig
+
+
+def sweep_curves(points: dict[str, dict[float, list[float]]], xlabel: str, ylabel: str):
+    """A metric against a numeric hyperparameter: one curve per group, ``points[label][x]`` the
+    runs' values at x; the line through their means, the band ± their std where there are two
+    or more. The x axis is logarithmic when the values are positive and span more than a
+    factor 100 (learning rates, regularisation strengths)."""
+    fig = figure((8, 4.5))
+    ax = fig.subplots()
+    xs = [x for p in points.values() for x in p]
+    for name, p in points.items():
+        x = np.array(sorted(p))
+        values = [np.array(p[v], dtype=float) for v in x]
+        mean = np.array([v.mean() for v in values])
+        std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in values])
+        n = sorted({len(v) for v in values})
+        seeds = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
+        (line,) = ax.plot(x, mean, marker="o", label=f"{name} ({seeds})")
+        if any(len(v) > 1 for v in values):
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{ylabel} (mean ± std)")
+    if ax.get_legend_handles_labels()[1]:
         legend_right(ax)
     return fig

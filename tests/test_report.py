@@ -212,12 +212,12 @@ def test_report_plots_default_to_the_runs_plots_format(sweep, tmp_path):
     for run in ("0", "1"):  # the runs record plots.format in their .hydra/config.yaml
         (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: [svg]\n")
     report.report([sweep], tmp_path / "out")
-    made = {p.suffix for p in (tmp_path / "out").iterdir()} - {".md", ".csv"}
+    made = {p.suffix for p in (tmp_path / "out").iterdir()} - {".md", ".csv", ".tex"}
     assert made == {".svg", ".png"}  # runs 2 and 10 say nothing: png, the default
     for run in ("2", "10"):
         (sweep / run / ".hydra" / "config.yaml").write_text("plots:\n  format: []\n")
     report.report([sweep], tmp_path / "out2")
-    assert {p.suffix for p in (tmp_path / "out2").iterdir()} == {".md", ".csv", ".svg"}
+    assert {p.suffix for p in (tmp_path / "out2").iterdir()} == {".md", ".csv", ".tex", ".svg"}
 
 
 def test_report_command_line_format(sweep, tmp_path):
@@ -254,3 +254,292 @@ def test_report_curves_number_from_one_with_the_legend_outside(sweep):
     assert list(ax.get_lines()[0].get_xdata()) == [1, 2]
     legend = ax.get_legend().get_window_extent()
     assert legend.x0 >= ax.get_window_extent().x1 and legend.x1 <= fig.bbox.x1 + 1
+
+
+# --- runs.csv, labels, --group-by, --x, LaTeX, the sweep callback --------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+STRATEGY = {  # the strategy part of each option's .hydra/config.yaml
+    "naive": "strategy:\n  epochs: 1\n  components: {}\n",
+    "replay": (
+        "strategy:\n  epochs: 1\n  replay_batch_size: null\n"
+        "  components:\n    replay:\n      _target_: clrun.strategies.Replay\n"
+    ),
+}
+
+
+def make_config(d: Path, strategy: str, max_size: int, seed: int, threads: int) -> None:
+    """A .hydra/config.yaml as Hydra writes it: shared keys, the swept ones, and run-management
+    keys that differ between runs but are not settings (threads, data_dir)."""
+    (d / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\nthreads: {threads}\ndata_dir: /data/{seed}\n"
+        "benchmark:\n  name: split_mnist\n  n_experiences: 2\n"
+        + STRATEGY[strategy]
+        + f"buffer:\n  _target_: clrun.buffers.ReservoirBuffer\n  max_size: {max_size}\n"
+        "optimizer:\n  lr: 0.001\nplots:\n  format: [png]\n"
+    )
+
+
+def acc(strategy: str, max_size: int, seed: int) -> float:
+    """Known numbers: replay beats naive, a bigger buffer helps replay, seeds differ by 0.02."""
+    return 0.5 + (0.2 + max_size / 5000 if strategy == "replay" else 0.0) + 0.02 * seed
+
+
+def full_summary(a: float, seed: int) -> dict:
+    """A summary with every metric family: test, validation, task-IL, times, memory."""
+    return {
+        **done(a, 0.3 - a / 4, -0.3 + a / 4, 0.01, 10.0 + seed),
+        "strategy": None,  # set by the caller: the option name the runner records
+        "seed": seed,
+        "avg_incremental_acc": a + 0.1,
+        "val_final_avg_acc": a - 0.01,
+        "val_forgetting": 0.3 - a / 4 + 0.01,
+        "task_final_avg_acc": a + 0.2,
+        "train_time_s": 8.0,
+        "eval_time_s": 1.0,
+        "samples_per_s": 1000.0,
+        "peak_rss_mb": 500.0,
+        "steps": 40,
+        "versions": {"clrun": "0.1"},
+    }
+
+
+@pytest.fixture
+def sweep2x2(tmp_path):
+    """strategy × buffer.max_size × 2 seeds as ``clrun -m debug=default strategy=naive,replay
+    buffer.max_size=200,500 seed=0,1`` makes it, and a ninth job that failed."""
+    s, job = tmp_path / "sweep2x2", 0
+    for strategy in ("naive", "replay"):
+        for max_size in (200, 500):
+            for seed in (0, 1):
+                overrides = ["debug=default", f"strategy={strategy}"]
+                overrides += [f"buffer.max_size={max_size}", f"seed={seed}"]
+                summary = {
+                    **full_summary(acc(strategy, max_size, seed), seed),
+                    "strategy": strategy,
+                }
+                make_run(s / str(job), overrides, summary, R0 if strategy == "naive" else R1)
+                make_config(s / str(job), strategy, max_size, seed, threads=1 + job % 2)
+                job += 1
+    failed = {"status": "failed", "error": "TrainingDiverged: loss nan", "final_avg_acc": 0.1}
+    overrides = ["debug=default", "strategy=naive", "buffer.max_size=200", "seed=2"]
+    make_run(s / "8", overrides, {**failed, "strategy": "naive", "seed": 2})
+    make_config(s / "8", "naive", 200, 2, threads=1)
+    return s
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_runs_csv_has_a_column_per_differing_setting_and_every_metric(sweep2x2, tmp_path):
+    report.report([sweep2x2], tmp_path, formats=[])
+    header, rows = read_csv(tmp_path / "runs.csv")
+    settings = header[3 : header.index("seed")]
+    assert header[:3] == ["run", "status", "group"]
+    assert settings[:2] == ["strategy", "buffer.max_size"]  # the swept overrides first
+    assert set(settings[2:]) == {
+        "strategy.replay_batch_size",
+        "strategy.components.replay._target_",
+    }
+    for shared in ("debug", "benchmark.name", "optimizer.lr", "strategy.epochs", "threads"):
+        assert shared not in header  # the same in every run, or run management
+    assert header[header.index("seed") + 1 :] == [
+        *("final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt"),
+        *("val_final_avg_acc", "val_forgetting", "task_final_avg_acc"),
+        *("wall_time_s", "train_time_s", "eval_time_s", "samples_per_s", "peak_rss_mb"),
+    ]  # no peak_gpu_mem_mb: no run has it
+    assert [r["run"] for r in rows] == [f"sweep2x2/{j}" for j in range(9)]  # relative to out
+    row = rows[7]  # replay, 500, seed 1
+    assert (row["status"], row["group"]) == ("completed", "strategy=replay buffer.max_size=500")
+    assert (row["strategy"], row["buffer.max_size"], row["seed"]) == ("replay", "500", "1")
+    assert row["strategy.components.replay._target_"] == "clrun.strategies.Replay"
+    assert float(row["final_avg_acc"]) == pytest.approx(acc("replay", 500, 1))
+    assert float(row["val_final_avg_acc"]) == pytest.approx(acc("replay", 500, 1) - 0.01)
+    assert rows[0]["strategy.components.replay._target_"] == ""  # naive has no such key
+    failed = rows[8]  # not completed: its settings, no metrics (not even the partial ones)
+    assert (failed["status"], failed["seed"], failed["buffer.max_size"]) == ("failed", "2", "200")
+    assert {failed[k] for k in header[header.index("seed") + 1 :]} == {""}
+
+
+def test_labels_name_only_the_overrides_that_differ(sweep2x2, tmp_path):
+    groups = report.group_runs(report.find_runs([sweep2x2]))
+    assert {g: len(runs) for g, runs in groups.items()} == {
+        "strategy=naive buffer.max_size=200": 2,
+        "strategy=naive buffer.max_size=500": 2,
+        "strategy=replay buffer.max_size=200": 2,
+        "strategy=replay buffer.max_size=500": 2,
+    }
+    text = report.report([sweep2x2], tmp_path, formats=[])
+    assert "Every run: `debug=default`." in text
+    assert "| strategy=replay buffer.max_size=500 | 2 |" in text
+    one = [report.Run(Path("a"), {}, ["debug=default", "strategy=lwf", "seed=0"])]
+    assert list(report.group_runs(one)) == []  # not completed: no group
+    one[0].summary["status"] = "completed"
+    assert list(report.group_runs(one)) == ["debug=default strategy=lwf"]  # nothing differs
+
+
+def test_group_by_averages_over_the_other_keys(sweep2x2):
+    runs = report.find_runs([sweep2x2])
+    groups = report.group_runs(runs, by=["strategy"])
+    assert {g: len(r) for g, r in groups.items()} == {"strategy=naive": 4, "strategy=replay": 4}
+    rows = {r["group"]: r for r in report.table_rows(groups)}
+    replay = [acc("replay", m, s) for m in (200, 500) for s in (0, 1)]
+    assert rows["strategy=replay"]["final_avg_acc"][:2] == pytest.approx(
+        (statistics.mean(replay), statistics.stdev(replay))
+    )
+    by_size = report.group_runs(runs, by=["buffer.max_size", "seed"])
+    assert list(by_size)[:2] == ["buffer.max_size=200 seed=0", "buffer.max_size=200 seed=1"]
+    with pytest.raises(ValueError, match="--group-by buffer.size: no run has this key"):
+        report.group_runs(runs, by=["buffer.size"])
+
+
+def test_x_plots_the_metric_against_a_hyperparameter(sweep2x2, tmp_path):
+    runs = report.find_runs([sweep2x2])
+    groups = report.group_runs(runs, drop="buffer.max_size")
+    assert list(groups) == ["strategy=naive", "strategy=replay"]
+    points = report.sweep_points(groups, "buffer.max_size", "final_avg_acc")
+    assert points["strategy=replay"] == {
+        m: pytest.approx([acc("replay", m, 0), acc("replay", m, 1)]) for m in (200.0, 500.0)
+    }
+    fig = plots.sweep_curves(points, "buffer.max_size", "final avg acc")
+    (ax,) = fig.axes
+    line = ax.get_lines()[1]
+    assert list(line.get_xdata()) == [200, 500] and ax.get_xscale() == "linear"
+    means = [statistics.mean([acc("replay", m, 0), acc("replay", m, 1)]) for m in (200, 500)]
+    assert list(line.get_ydata()) == pytest.approx(means)
+    lr = plots.sweep_curves({"a": {1e-4: [0.5, 0.6], 1e-1: [0.7]}}, "optimizer.lr", "acc")
+    assert lr.axes[0].get_xscale() == "log"  # 1e-4 .. 1e-1: more than a factor 100
+
+    report.main([str(sweep2x2), "--out", str(tmp_path), "--x", "buffer.max_size"])
+    assert "![final_avg_acc_vs_buffer.max_size.png]" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "final_avg_acc_vs_buffer.max_size.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):  # not a number: a clear error (argparse: exit 2)
+        report.main([str(sweep2x2), "--out", str(tmp_path), "--x", "strategy", "--format", ""])
+
+
+def test_metric_picks_what_the_bars_and_curves_plot(sweep2x2, tmp_path):
+    cmd = [str(sweep2x2), "--out", str(tmp_path), "--format", "svg"]
+    report.main([*cmd, "--metric", "val_final_avg_acc", "--x", "buffer.max_size"])
+    made = sorted(p.name for p in tmp_path.glob("*.svg"))
+    assert made == sorted(
+        ["acc_curves.svg", "acc_matrices.svg", "val_final_avg_acc.svg"]
+        + ["val_final_avg_acc_vs_buffer.max_size.svg"]
+    )
+    with pytest.raises(ValueError, match="--metric val_bwt: no completed run has it"):
+        report.report([sweep2x2], tmp_path, formats=[], metric_key="val_bwt")
+
+
+def test_validation_beside_test_and_a_task_il_column(sweep2x2, tmp_path):
+    text = report.report([sweep2x2], tmp_path, formats=[])
+    header = next(line for line in text.splitlines() if line.startswith("| group"))
+    assert header == (
+        "| group | n | final avg acc (val) | final avg acc (test) | task-IL acc "
+        "| forgetting (val) | forgetting (test) | BWT | FWT | wall time (s) |"
+    )
+    tex = (tmp_path / "report.tex").read_text()
+    assert "final avg acc (val) & final avg acc (test) & task-IL acc" in tex
+
+
+def golden_runs(s: Path) -> None:
+    """Three configurations, two seeds each, with numbers chosen by hand; special characters in
+    a label (``_``, ``%``, ``&``, ``#``)."""
+    numbers = {  # label → per seed: (acc, forgetting, bwt, fwt, wall, val acc, task acc)
+        "strategy=naive": [
+            (0.20, 0.80, -0.80, 0.00, 10, 0.21, 0.90),
+            (0.22, 0.78, -0.78, 0.0, 12, 0.23, 0.92),
+        ],
+        "strategy=er_ace": [
+            (0.60, 0.30, -0.30, 0.01, 20, 0.62, 0.95),
+            (0.64, 0.26, -0.26, 0.03, 22, 0.66, 0.97),
+        ],
+        "strategy=lwf +note=50%&#1": [
+            (0.30, 0.10, -0.10, 0.02, 8, 0.31, 0.93),
+            (0.30, 0.12, -0.12, 0.02, 9, 0.29, 0.91),
+        ],
+    }
+    job = 0
+    for label, seeds in numbers.items():
+        for seed, (a, f, b, w, t, va, ta) in enumerate(seeds):
+            extra = {"val_final_avg_acc": va, "task_final_avg_acc": ta}
+            make_run(
+                s / str(job), [*label.split(), f"seed={seed}"], {**done(a, f, b, w, t), **extra}
+            )
+            job += 1
+
+
+def test_latex_table_matches_the_golden_file(tmp_path):
+    golden_runs(tmp_path / "runs")
+    report.report([tmp_path / "runs"], tmp_path, formats=[])
+    tex = (tmp_path / "report.tex").read_text()
+    assert tex == (DATA / "report.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "strategy=er\\_ace" in tex and "note=50\\%\\&\\#1" in tex
+    assert "$\\mathbf{0.620 \\pm 0.028}$" in tex  # best final accuracy: er_ace, in bold
+    assert "$\\mathbf{0.110 \\pm 0.014}$" in tex  # least forgetting: lwf
+    assert "$\\mathbf{8.5 \\pm 0.7}$" in tex  # the shortest wall time: lwf
+
+
+def test_sweep_callback_writes_the_report_before_the_outcome_exits(sweep2x2, capsys):
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.callbacks import Callbacks
+
+    from clrun.cli import config_dir
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", [f"hydra.sweep.dir={sweep2x2}"], return_hydra_config=True)
+    names = list(cfg.hydra.callbacks)  # Hydra calls on_multirun_end callbacks last to first
+    assert names.index("sweep_report") > names.index("sweep_outcome")
+    with pytest.raises(SystemExit) as stop:
+        Callbacks(cfg).on_multirun_end(config=cfg)
+    assert stop.value.code == 1  # job 8 failed: the sweep still says so, after the report
+    out, err = capsys.readouterr()
+    assert f"clrun: report of the sweep: {sweep2x2 / 'report.md'}" in out
+    assert "1 of 9 runs" in err
+    assert (sweep2x2 / "report.md").exists() and (sweep2x2 / "acc_curves.png").exists()
+    assert (sweep2x2 / "runs.csv").exists() and (sweep2x2 / "report.tex").exists()
+
+
+def test_sweep_callback_survives_a_failing_plot(sweep2x2, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from clrun.cli import SweepReport
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display\nsecond line")
+
+    monkeypatch.setattr(report, "_acc_curves", broken)
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep2x2)}}})
+    SweepReport().on_multirun_end(cfg)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"clrun: warning: report of {sweep2x2} without plots: RuntimeError: no display second line"
+    ]
+    assert "report of the sweep" in out and (sweep2x2 / "report.md").exists()
+    assert not list(sweep2x2.glob("*.png"))
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "/nonexistent"}}}))
+
+
+@pytest.mark.slow
+def test_a_real_2x2_multirun_reports_itself(tmp_path):
+    from conftest import clrun
+
+    sweep = tmp_path / "sweep"
+    p = clrun(
+        "-m",
+        "debug=default",
+        "strategy=naive,replay",
+        "buffer.max_size=20,50",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert f"report of the sweep: {sweep / 'report.md'}" in p.stdout
+    header, rows = read_csv(sweep / "runs.csv")
+    assert header[3:5] == ["strategy", "buffer.max_size"] and len(rows) == 4
+    assert {r["group"] for r in rows} == {
+        f"strategy={s} buffer.max_size={m}" for s in ("naive", "replay") for m in (20, 50)
+    }
+    assert "debug" not in header and "threads" not in header
