@@ -339,6 +339,14 @@ def group_matrices(matrices: dict[str, np.ndarray]):
     return fig
 
 
+def _natural(label: str) -> list:
+    """Sort key that orders numbers in labels by value: ``size=200`` before ``size=1000``."""
+    import re
+
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", label)
+    return [(0, float(t), "") if i % 2 else (1, 0.0, t) for i, t in enumerate(parts)]
+
+
 def sweep_curves(points: dict[str, dict[float, list[float]]], xlabel: str, ylabel: str):
     """A metric against a numeric hyperparameter: one curve per group, ``points[label][x]`` the
     runs' values at x; the line through their means, the band ± their std where there are two
@@ -347,7 +355,7 @@ def sweep_curves(points: dict[str, dict[float, list[float]]], xlabel: str, ylabe
     fig = figure((8, 4.5))
     ax = fig.subplots()
     xs = [x for p in points.values() for x in p]
-    for name, p in points.items():
+    for name, p in sorted(points.items(), key=lambda item: _natural(item[0])):
         x = np.array(sorted(p))
         values = [np.array(p[v], dtype=float) for v in x]
         mean = np.array([v.mean() for v in values])

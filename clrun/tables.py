@@ -200,13 +200,17 @@ def latex_escape(text: str) -> str:
 
 def best_rows(rows: list[dict], key: str) -> set[int]:
     """The rows holding the column's best mean (all of them on a tie); none for a column
-    without a direction or with fewer than two values."""
+    without a direction, with fewer than two values, or where every row shows the same number."""
     direction = better(key)
-    means = {i: row[key][0] for i, row in enumerate(rows) if not math.isnan(row[key][0])}
-    if direction is None or len(means) < 2:
+    means = {
+        i: round(row[key][0], _digits(key))
+        for i, row in enumerate(rows)
+        if not math.isnan(row[key][0])
+    }
+    if direction is None or len(set(means.values())) < 2:
         return set()
     best = (max if direction == "higher" else min)(means.values())
-    return {i for i, m in means.items() if round(m, _digits(key)) == round(best, _digits(key))}
+    return {i for i, m in means.items() if m == best}
 
 
 def latex(rows: list[dict], columns: dict[str, str]) -> str:
