@@ -33,6 +33,7 @@ from clrun.checks import (
     probability_below_one,
 )
 from clrun.errors import ConfigError
+from clrun.loggers import WANDB_MODES, logger_nodes
 from clrun.models import HEADS
 from clrun.plots import FORMATS
 
@@ -84,6 +85,7 @@ RULES: dict[str, Rule] = {
     "optimizer.weight_decay": number_at_least(0),
     "optimizer.reset_each_experience": boolean(),
     "buffer.max_size": int_at_least(1),
+    "logger.wandb.mode": optional(one_of(WANDB_MODES), "null ($WANDB_MODE, else online)"),
     "plots.format": Rule(
         lambda v: isinstance(v, list) and all(f in FORMATS for f in v),
         "a list of " + " | ".join(FORMATS) + ", e.g. [png,pdf]; [] for no plots",
@@ -109,6 +111,8 @@ def validate(cfg: DictConfig) -> None:
     for name, node in (cfg.strategy.get("components") or {}).items():
         if node is not None:
             check_signature(node, f"strategy.components.{name}")
+    for key, node in logger_nodes(cfg.get("logger")).items():
+        check_signature(node, key)
 
 
 def resolve_device(name: str):

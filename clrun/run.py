@@ -28,7 +28,7 @@ from clrun.components import Components, RunState, adapt
 from clrun.config import build, resolve_device, set_deterministic, validate
 from clrun.errors import TrainingDiverged
 from clrun.io import flatten
-from clrun.loggers import NoLogger
+from clrun.loggers import Loggers, NoLogger, logger_nodes
 from clrun.metrics import Recorder, Work
 from clrun.outcome import Outcome, closing_lines, run_title
 from clrun.preemption import StopSignal
@@ -112,7 +112,10 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         logger = NoLogger()
         if cfg.get("logger"):  # the config goes flat: no nested _target_ for Hydra to build
             config = flatten(OmegaConf.to_container(cfg, resolve=True))
-            logger = build(cfg.logger, "logger", run_dir=str(run_dir), run_config=config)
+            logger = Loggers(  # logger=[tensorboard,wandb]: each chosen one
+                build(node, key, run_dir=str(run_dir), run_config=config)
+                for key, node in logger_nodes(cfg.logger).items()
+            )
         outcome.logger = logger
 
         def save(next_experience: int, position: dict | None = None) -> None:
@@ -172,9 +175,12 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 i = benchmark.origin(exp.index)
                 t0 = time.perf_counter()
                 results = evaluate(state, components, s.eval_batch_size)
-                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0)
+                lr = state.optimizer.param_groups[0]["lr"]  # for train.csv
+                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0, lr=lr)
                 recorder.record(i, results)
-                logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
+                logger.log_experience(
+                    i, results, recorder.timings[-1], recorder.acc_matrix, validation=None
+                )
                 log.info(recorder.progress(i))
                 if plan.active and i in plan.requests:
 
