@@ -119,7 +119,10 @@ class Loggers:
         self, i: int, results: list[dict], timing: dict, acc_matrix, validation=None
     ) -> None:
         for logger in self.loggers:
-            logger.log_experience(i, results, timing, acc_matrix, validation)
+            if validation is None:  # a user's logger written before validation existed works
+                logger.log_experience(i, results, timing, acc_matrix)
+            else:
+                logger.log_experience(i, results, timing, acc_matrix, validation)
 
     def close(self, summary: dict) -> None:
         if self.closed:
