@@ -34,6 +34,7 @@ from clrun.checks import (
     probability_below_one,
 )
 from clrun.errors import ConfigError
+from clrun.loggers import WANDB_MODES, logger_nodes
 from clrun.metrics import OBJECTIVES
 from clrun.models import HEADS
 from clrun.plots import FORMATS
@@ -88,6 +89,7 @@ RULES: dict[str, Rule] = {
     "buffer.max_size": int_at_least(1),
     "benchmark.validation": number_in(0, 1, open_hi=True),
     "optimize": optional(one_of(OBJECTIVES), "null (the validation metric when there is one)"),
+    "logger.wandb.mode": optional(one_of(WANDB_MODES), "null ($WANDB_MODE, else online)"),
     "plots.format": Rule(
         lambda v: isinstance(v, list) and all(f in FORMATS for f in v),
         "a list of " + " | ".join(FORMATS) + ", e.g. [png,pdf]; [] for no plots",
@@ -140,6 +142,8 @@ def validate(cfg: DictConfig) -> None:
     for name, node in (cfg.strategy.get("components") or {}).items():
         if node is not None:
             check_signature(node, f"strategy.components.{name}")
+    for key, node in logger_nodes(cfg.get("logger")).items():
+        check_signature(node, key)
 
 
 def resolve_device(name: str):

@@ -15,6 +15,13 @@ The same definitions give the validation metrics (``val_*``: the matrix of the v
 ``benchmark.validation``) and the task-IL metrics (``task_*``: the matrix of task-IL accuracies,
 the logits restricted to the classes of the sample's experience, on benchmarks with task
 structure).
+
+The :class:`Recorder` rewrites, after each evaluation, ``metrics.jsonl`` (one record per
+evaluation of an experience), ``acc_matrix.csv`` (R) and ``train.csv``: one row per row of R with
+the training work since the previous one (``experience``, ``steps``, ``samples``,
+``train_loss_mean``, ``train_loss_last``, ``train_s``, ``eval_s``, ``samples_per_s``, ``lr`` (the
+optimiser's first parameter group's at the end of the experience), ``rss_mb``). All three come
+from the recorder's checkpointed state, so a resumed run rewrites them whole.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ class Recorder:
         self.rows: list[list[dict]] = []  # rows[i][j]: after training through experience i
         self.val_initial: list[dict] = []  # the same on the validation stream, if there is one
         self.val_rows: list[list[dict]] = []
-        self.timings: list[dict] = []  # per experience: train/eval seconds, steps, samples
+        self.timings: list[dict] = []  # per experience: steps, samples, losses, seconds, lr
         self.unlearned: list[dict] = []  # evaluations right after an unlearning request
         self.started = started or time.perf_counter()  # when this process started the run
         self.earlier_wall_s = 0.0  # wall time of the processes before a resume
@@ -116,11 +123,19 @@ class Recorder:
                 self.val_rows.append(val)
         self.flush()
 
-    def add_timing(self, experience: int, work: dict, eval_s: float) -> None:
+    def add_timing(
+        self, experience: int, work: dict, eval_s: float, lr: float | None = None
+    ) -> None:
         """The costs of one experience: its training ``work`` (:meth:`Work.take`), the seconds
-        its evaluation took, and the process's memory now."""
+        its evaluation took, the learning rate at its end and the process's memory now."""
         self.timings.append(
-            {"experience": experience, **work, "eval_s": eval_s, "rss_mb": current_rss_mb()}
+            {
+                "experience": experience,
+                **work,
+                "eval_s": eval_s,
+                "lr": lr,
+                "rss_mb": current_rss_mb(),
+            }
         )
 
     def progress(self, i: int) -> str:
@@ -217,6 +232,8 @@ class Recorder:
                 header = ",".join(f"exp{j}" for j in range(self.T))
                 body = "\n".join(",".join(f"{a:.6f}" for a in row) for row in R)
                 write_atomic(self.run_dir / name, header + "\n" + body + "\n")
+        if self.timings:
+            write_atomic(self.run_dir / "train.csv", train_csv(self.timings))
 
     def state_dict(self) -> dict:
         return {
@@ -255,12 +272,15 @@ class Work:
 
     def __init__(self) -> None:
         self.steps, self.samples, self.loss_sum, self.train_s = 0, 0, 0.0, 0.0
+        self.last_loss = float("nan")  # of the last step
 
     def add(self, steps: int, samples: int, losses, seconds: float) -> None:
         """One training pass: its step count, samples, per-step losses (a tensor), seconds."""
         self.steps, self.samples = self.steps + steps, self.samples + samples
         self.train_s += seconds
-        self.loss_sum += float(losses.sum()) if steps else 0.0
+        if steps:
+            self.loss_sum += float(losses.sum())
+            self.last_loss = float(losses[steps - 1])
 
     def take(self) -> dict:
         mean = self.loss_sum / self.steps if self.steps else float("nan")
@@ -269,9 +289,37 @@ class Work:
             "samples": self.samples,
             "train_s": self.train_s,
             "train_loss": mean,
+            "train_loss_last": self.last_loss,
         }
         self.__init__()
         return out
+
+
+TRAIN_CSV = (
+    *("experience", "steps", "samples", "train_loss_mean", "train_loss_last"),
+    *("train_s", "eval_s", "samples_per_s", "lr", "rss_mb"),
+)
+
+
+def train_csv(timings: list[dict]) -> str:
+    """``train.csv``: one row per evaluation point (the columns of :data:`TRAIN_CSV`); an empty
+    cell where a value is unknown (the learning rate or the last loss of a checkpoint written
+    before they were recorded, samples/s of an experience not trained on)."""
+
+    def cell(v) -> str:
+        return "" if v is None or v != v else repr(v)  # v != v: NaN
+
+    lines = [",".join(TRAIN_CSV)]
+    for t in timings:
+        row = {
+            **t,
+            "train_loss_mean": t["train_loss"],
+            "train_loss_last": t.get("train_loss_last"),
+            "lr": t.get("lr"),
+            "samples_per_s": t["samples"] / t["train_s"] if t["train_s"] else None,
+        }
+        lines.append(",".join(cell(row[k]) for k in TRAIN_CSV))
+    return "\n".join(lines) + "\n"
 
 
 def current_rss_mb() -> float:

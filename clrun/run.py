@@ -28,7 +28,7 @@ from clrun.components import Components, RunState, adapt
 from clrun.config import build, check_objective, resolve_device, set_deterministic, validate
 from clrun.errors import TrainingDiverged
 from clrun.io import flatten
-from clrun.loggers import NoLogger
+from clrun.loggers import Loggers, NoLogger, logger_nodes
 from clrun.metrics import Recorder, Work
 from clrun.outcome import Outcome, closing_lines, run_title
 from clrun.preemption import StopSignal
@@ -113,7 +113,10 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         logger = NoLogger()
         if cfg.get("logger"):  # the config goes flat: no nested _target_ for Hydra to build
             config = flatten(OmegaConf.to_container(cfg, resolve=True))
-            logger = build(cfg.logger, "logger", run_dir=str(run_dir), run_config=config)
+            logger = Loggers(  # logger=[tensorboard,wandb]: each chosen one
+                build(node, key, run_dir=str(run_dir), run_config=config)
+                for key, node in logger_nodes(cfg.logger).items()
+            )
         outcome.logger = logger
 
         def save(next_experience: int, position: dict | None = None) -> None:
@@ -180,7 +183,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 i = benchmark.origin(exp.index)
                 t0 = time.perf_counter()
                 results, validation = evaluate_streams()
-                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0)
+                lr = state.optimizer.param_groups[0]["lr"]  # for train.csv
+                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0, lr=lr)
                 recorder.record(i, results, validation)
                 timing = recorder.timings[-1]
                 logger.log_experience(i, results, timing, recorder.acc_matrix, validation)

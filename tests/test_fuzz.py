@@ -57,7 +57,8 @@ def expect_config_error(run_debug, tmp_path, overrides: list[str], text: str) ->
 def test_random_bad_values_name_the_key(run_debug, tmp_path, key, value):
     if accepted(key, value):
         pytest.skip(f"{key}={value} is valid")
-    needs = {"optimizer.momentum": ["optimizer=sgd"]}.get(key, [])
+    needs = {"optimizer.momentum": ["optimizer=sgd"], "logger.wandb.mode": ["logger=wandb"]}
+    needs = needs.get(key, [])
     expect_config_error(run_debug, tmp_path, [*needs, f"{key}={value}"], key)
 
 
