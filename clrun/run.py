@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from clrun import checkpoint, plots, unlearning
+from clrun.api import CallableModule
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
 from clrun.config import build, resolve_device, set_deterministic, validate
@@ -174,6 +175,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 results = evaluate(state, components, s.eval_batch_size)
                 recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0)
                 recorder.record(i, results)
+                checkpoint.keep_model(cfg, run_dir, i, state)  # checkpoint.keep=every_experience
                 logger.log_experience(i, results, recorder.timings[-1], recorder.acc_matrix)
                 log.info(recorder.progress(i))
                 if plan.active and i in plan.requests:
@@ -315,3 +317,7 @@ def _check_finite(losses: torch.Tensor, first_step: int, experience: int) -> Non
 
 def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):
     return F.cross_entropy(out, batch.y)
+
+
+# `clrun.run(cfg)` runs an experiment although `clrun.run` is this module: see clrun.api
+sys.modules[__name__].__class__ = CallableModule
