@@ -78,7 +78,8 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in cli.GROUPS}
     meta: dict[str, Any] = {
         "runtime": {"choices": choices},
-        "overrides": {"task": [o for o in overrides if not o.startswith("hydra.")]},
+        # as Hydra splits them: hydra.* and hydra/... overrides are not the job's
+        "overrides": {"task": [o for o in overrides if not o.lstrip("+~").startswith("hydra")]},
     }
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         meta["run"] = {"dir": str(cfg.hydra.run.dir)}  # resolved now: ${now:...} once
@@ -221,17 +222,26 @@ def load_run(
         path = checkpoint.model_file(run_dir, experience)
         if not path.exists():
             keep = OmegaConf.select(cfg, "checkpoint.keep", default="last")
+            kept = sorted(
+                int(f.stem.removeprefix("model_exp")) for f in path.parent.glob("model_exp*.pt")
+            )
+            if keep == "every_experience":
+                why = f"it kept the models after experiences {kept}"
+            else:
+                why = (
+                    f"checkpoint.keep={keep}: run with checkpoint.keep=every_experience to keep "
+                    "one after each experience"
+                )
             raise ConfigError(
-                f"experience={experience}: {run_dir} kept no model after experience "
-                f"{experience} (checkpoint.keep={keep}); run with "
-                "checkpoint.keep=every_experience to keep one after each experience"
+                f"experience={experience}: {run_dir} has no model after experience "
+                f"{experience} ({why})"
             )
         saved, trained = checkpoint.read(path, cpu), experience
     loaded = LoadedRun(run_dir, cfg, summary, acc, val, task, None, trained, device)
     shape = saved.get("model_shape")
     if shape is None:  # a checkpoint written before the shape was recorded: ask the data
-        bench = loaded.benchmark()
-        shape = {"input_shape": bench.input_shape, "n_classes": bench.n_classes}
+        shape = checkpoint.model_shape(loaded.benchmark())
+    shape = {"input_shape": tuple(shape["input_shape"]), "n_classes": shape["n_classes"]}
     with torch.random.fork_rng(devices=[]):  # initial weights, overwritten: the caller's RNG
         model = build(cfg.model, "model", **shape).to(device)  # stays as it was
     if cfg.get("channels_last"):
@@ -287,17 +297,21 @@ def _fresh_run_dir(root: Path) -> Path:
 
 @contextlib.contextmanager
 def _log_to(path: Path) -> Iterator[None]:
-    """The run's log lines (and a failure's traceback) also go to ``path``, as under the CLI,
-    for the duration of the run; the caller's logging setup is restored afterwards."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    """For the duration of the run, as under the CLI: its log lines (and a failure's traceback)
+    go to ``path``, and its progress lines to the console unless the caller set up logging
+    (a root handler: theirs shows them). The caller's logging setup is restored afterwards."""
     root, level = logging.getLogger(), log.level
-    root.addHandler(handler)
+    file = logging.FileHandler(path)
+    file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handlers = [file] if root.handlers else [file, logging.StreamHandler()]
+    for h in handlers:
+        root.addHandler(h)
     if not log.isEnabledFor(logging.INFO):
         log.setLevel(logging.INFO)
     try:
         yield
     finally:
         log.setLevel(level)
-        root.removeHandler(handler)
-        handler.close()
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()

@@ -167,6 +167,8 @@ def test_every_experience_keeps_each_model_and_resume_stays_bit_identical(tmp_pa
     cfg = api.compose([*overrides, "checkpoint.every_n_steps=10"])
     api.run(cfg, tmp_path / "full")
     exact = rows(tmp_path / "full")
+    with pytest.raises(ConfigError, match=r"kept the models after experiences \[0, 1, 2, 3, 4\]"):
+        api.load_run(tmp_path / "full", experience=5)
     for i in range(5):
         loaded = api.load_run(tmp_path / "full", experience=i)
         assert loaded.experience == i and loaded.components is None
@@ -203,7 +205,7 @@ def test_every_experience_keeps_each_model_and_resume_stays_bit_identical(tmp_pa
 def test_an_experience_that_was_not_kept_is_a_one_line_error(tmp_path):
     api.run(api.compose(["debug=default", "strategy.epochs=1"]), tmp_path / "run")
     assert not list((tmp_path / "run" / "checkpoint").glob("model_exp*"))
-    with pytest.raises(ConfigError, match=r"checkpoint.keep=last\); run with checkpoint.keep="):
+    with pytest.raises(ConfigError, match="keep=last: run with checkpoint.keep=every_experience"):
         api.load_run(tmp_path / "run", experience=2)
     with pytest.raises(ConfigError, match="not a clrun run directory"):
         api.load_run(tmp_path)
