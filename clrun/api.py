@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clrun.errors import ConfigError
+from clrun.errors import ConfigError, OutputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -111,11 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     with open_dict(job):
         job.pop("hydra", None)
     validate(job)
-    if run_dir is not None or given_dir is not None:
-        run_dir = Path(run_dir if run_dir is not None else given_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = _fresh_run_dir(Path("outputs"))
+    run_dir = _make_run_dir(run_dir if run_dir is not None else given_dir)
     if Outcome.completed(run_dir) is None or job.get("resume", "auto") is False:
         # a completed run keeps its record: the runner checks the config and returns its summary
         write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
@@ -280,19 +276,30 @@ def _run_device(cfg: DictConfig, resolve_device) -> torch.device:
         return torch.device("cpu")
 
 
-def _fresh_run_dir(root: Path) -> Path:
-    """``root/<date>/<time>`` as the CLI names it, made now; ``-1``, ``-2``, ... when a run
-    started in the same second: a fresh directory, never someone else's run to continue."""
-    stamp = datetime.now()
-    base = root / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
-    for n in range(1000):
-        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+def _make_run_dir(run_dir: str | Path | None) -> Path:
+    """``run_dir``, made if it is not there; None: a fresh ``outputs/<date>/<time>`` as the CLI
+    names it, with ``-1``, ``-2``, ... when a run started in the same second (never another
+    run's directory to continue). One line (:class:`OutputError`) if it cannot be made."""
+    if run_dir is None:
+        stamp = datetime.now()
+        base = Path("outputs") / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+        candidates = [base, *(base.with_name(f"{base.name}-{n}") for n in range(1, 1000))]
+    else:
+        candidates = [Path(run_dir)]
+    for candidate in candidates:
         try:
-            candidate.mkdir(parents=True)
+            candidate.mkdir(parents=True, exist_ok=run_dir is not None)
             return candidate
         except FileExistsError:
-            continue
-    raise ConfigError(f"no fresh run directory next to {base}: pass run_dir=")
+            if run_dir is None:
+                continue  # taken: the next name
+            raise OutputError(f"cannot write the run directory {candidate}: it is a file") from None
+        except OSError as e:  # the CLI's one line (exit 4) for the same failure
+            raise OutputError(
+                f"cannot write the run directory {candidate}: {e.strerror or e}; "
+                "pass another run_dir"
+            ) from e
+    raise OutputError(f"no fresh run directory next to {base}: pass run_dir")
 
 
 @contextlib.contextmanager

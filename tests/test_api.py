@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 import clrun as api
 from clrun import checkpoint
-from clrun.errors import ConfigError
+from clrun.errors import ConfigError, OutputError
 
 
 def test_import_loads_no_torch_and_clrun_run_is_callable_in_any_import_order():
@@ -118,6 +118,11 @@ def test_run_refuses_a_bad_edit_before_writing_anything(tmp_path):
     with pytest.raises(ConfigError, match="strategy.batch_size=0"):
         api.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="cannot write the run directory"):
+        api.run(api.compose(["debug=default"]), tmp_path / "file" / "run")
+    with pytest.raises(OutputError, match="it is a file"):
+        api.run(api.compose(["debug=default"]), tmp_path / "file")
 
 
 def rows(run_dir: Path) -> dict[int, list[float]]:
