@@ -9,6 +9,11 @@ one (so a requeued or re-launched job picks up where it stopped), ``true`` requi
 ``false`` starts afresh, and a path continues from another run directory's checkpoint (copied
 here first). A config that differs from the checkpoint's in anything but the run-management
 keys is refused with the differences listed.
+
+``checkpoint.keep``: ``last`` keeps only that resumable state; ``every_experience`` also keeps
+the model after each experience i (``checkpoint/model_exp{i}.pt``: its weights and the shape to
+rebuild it, no optimiser), for analysis with ``clrun.load_run(run_dir, experience=i)``. Neither
+changes what a resumed run does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from clrun.errors import ConfigError, RunFailure
 from clrun.io import RUN_MANAGEMENT_KEYS, flatten, write_atomic
 
 FILE = "checkpoint/state.pt"
+KEEP = ("last", "every_experience")  # checkpoint.keep
 # Keys under which a state holds random-generator states: ``load`` leaves them on the CPU, the
 # only device a ``torch.Generator.set_state`` or ``torch.set_rng_state`` takes them from.
 RNG_KEYS = ("generator", "rng", "gen_state")
@@ -60,7 +66,27 @@ def capture(
         "rng": rng_state(gen, state.device),
         "benchmark": state.benchmark.state_dict(),
         "work": vars(work),
+        "model_shape": model_shape(state.benchmark),
     }
+
+
+def model_shape(benchmark) -> dict:
+    """What the model is built from besides its config: load_run rebuilds it without the data."""
+    return {"input_shape": list(benchmark.input_shape), "n_classes": benchmark.n_classes}
+
+
+def model_file(run_dir: Path, experience: int) -> Path:
+    """Where ``checkpoint.keep=every_experience`` keeps the model after ``experience``."""
+    return Path(run_dir) / "checkpoint" / f"model_exp{experience}.pt"
+
+
+def keep_model(cfg: DictConfig, run_dir: Path, experience: int, state) -> None:
+    """With ``checkpoint.keep=every_experience``, keep the model that scored row ``experience``
+    of the accuracy matrix. A resumed run that trains the experience again writes the same."""
+    if OmegaConf.select(cfg, "checkpoint.keep", default="last") != "every_experience":
+        return
+    kept = {"model": state.model.state_dict(), "model_shape": model_shape(state.benchmark)}
+    _write(model_file(run_dir, experience), kept)
 
 
 def restore(
@@ -83,10 +109,14 @@ def restore(
 
 
 def save(run_dir: Path, state: dict) -> None:
+    _write(Path(run_dir) / FILE, state)
+
+
+def _write(path: Path, state: dict) -> None:
+    """``state`` to ``path`` atomically, with its SHA-256 beside it (``<name>.sha256``)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    path = Path(run_dir) / FILE
     write_atomic(path, data)
     write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
 
@@ -110,8 +140,11 @@ def load(run_dir: Path, device: torch.device) -> dict | None:
     """The saved state, or None if the run has no checkpoint yet. Its tensors are on ``device``,
     except the random-generator states under :data:`RNG_KEYS`, which stay on the CPU."""
     path = Path(run_dir) / FILE
-    if not path.exists():
-        return None
+    return read(path, device) if path.exists() else None
+
+
+def read(path: Path, device: torch.device) -> dict:
+    """A file written by :func:`save` or :func:`keep_model`, checked against its SHA-256."""
     data = path.read_bytes()
     digest_file = path.with_suffix(".sha256")
     expected = digest_file.read_text().strip() if digest_file.exists() else None

@@ -20,6 +20,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clrun.benchmarks import NAMED_CLASS_ORDERS, SCENARIOS
+from clrun.checkpoint import KEEP
 from clrun.checks import (
     Rule,
     boolean,
@@ -57,6 +58,7 @@ RULES: dict[str, Rule] = {
         "auto, true, false or the path of a run directory",
     ),
     "checkpoint.every_n_steps": optional(int_at_least(1)),
+    "checkpoint.keep": one_of(KEEP),
     "precision": one_of(("fp32", "bf16")),
     "compile": boolean(),
     "deterministic": boolean(),

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from clrun import checkpoint, plots, unlearning
+from clrun.api import CallableModule
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
 from clrun.config import build, check_objective, resolve_device, set_deterministic, validate
@@ -186,6 +187,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 lr = state.optimizer.param_groups[0]["lr"]  # for train.csv
                 recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0, lr=lr)
                 recorder.record(i, results, validation)
+                checkpoint.keep_model(cfg, run_dir, i, state)  # checkpoint.keep=every_experience
                 timing = recorder.timings[-1]
                 logger.log_experience(i, results, timing, recorder.acc_matrix, validation)
                 log.info(recorder.progress(i))
@@ -350,3 +352,7 @@ def _check_finite(losses: torch.Tensor, first_step: int, experience: int) -> Non
 
 def _cross_entropy(state: RunState, batch: Experience, x: torch.Tensor, out: torch.Tensor):
     return F.cross_entropy(out, batch.y)
+
+
+# `clrun.run(cfg)` runs an experiment although `clrun.run` is this module: see clrun.api
+sys.modules[__name__].__class__ = CallableModule
