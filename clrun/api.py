@@ -159,6 +159,8 @@ class LoadedRun:
 
             with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
                 self._benchmark = build(self.config.benchmark, "benchmark").to(self.device)
+            if self.model is not None:  # a pre-trained backbone's input size and normalisation
+                self._benchmark.fit_input(getattr(self.model, "input_spec", None))
         return self._benchmark
 
     def evaluate(self, batch_size: int | None = None) -> list[float]:

@@ -148,6 +148,19 @@ def validate(cfg: DictConfig) -> None:
         check_signature(node, key)
 
 
+def build_model(cfg: DictConfig, benchmark, device):
+    """The model of ``cfg.model`` for ``benchmark``'s inputs and classes, on ``device``; a model
+    that takes its own input (a pre-trained backbone's size and normalisation) makes the
+    benchmark's batches fit it."""
+    shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
+    model = build(cfg.model, "model", **shape).to(device)
+    try:
+        benchmark.fit_input(getattr(model, "input_spec", None))
+    except ValueError as e:
+        raise ConfigError(f"model={cfg.model.get('_target_', '?')}: {e}") from None
+    return model
+
+
 def resolve_device(name: str):
     """``auto`` → cuda if available, else cpu; a named device must exist."""
     import torch

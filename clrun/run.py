@@ -26,7 +26,14 @@ from clrun import checkpoint, plots, unlearning
 from clrun.api import CallableModule
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
-from clrun.config import build, check_objective, resolve_device, set_deterministic, validate
+from clrun.config import (
+    build,
+    build_model,
+    check_objective,
+    resolve_device,
+    set_deterministic,
+    validate,
+)
 from clrun.errors import TrainingDiverged
 from clrun.io import flatten
 from clrun.loggers import Loggers, NoLogger, logger_nodes
@@ -77,8 +84,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         # --- build: benchmark, model, buffer, strategy components, optimiser ---
         benchmark = build(cfg.benchmark, "benchmark").to(device)
         check_objective(cfg, benchmark)
-        shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
-        model = build(cfg.model, "model", **shape).to(device)
+        model = build_model(cfg, benchmark, device)  # fits the benchmark's input to the model
         if cfg.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         if cfg.get("compile"):

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from clrun import checkpoint
 from clrun.checks import Rule, boolean, is_int, require
 from clrun.components import Components, RunState
-from clrun.config import ConfigError, build
+from clrun.config import ConfigError, build, build_model
 from clrun.io import write_json
 from clrun.metrics import Recorder
 
@@ -202,10 +202,9 @@ def compare_with_reference(cfg: DictConfig, run_dir: Path, reference: Path) -> d
     benchmark = build(cfg.benchmark, "benchmark").to(device)
     p = plan(cfg, len(benchmark.test_stream))
     ours, theirs = checkpoint.load(Path(run_dir), device), load_reference(reference, p)
-    shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
     models = []
     for saved in (ours, theirs):
-        model = build(cfg.model, "model", **shape).to(device)
+        model = build_model(cfg, benchmark, device)
         model.load_state_dict(saved["model"])  # dynamic heads take the saved size
         models.append(model)
     state = RunState(

@@ -5,7 +5,7 @@ import torch
 import yaml
 from conftest import CONF, GROUPS, assert_learned, has_torchvision, make_cfg, options
 
-from clrun.config import ConfigError, build, validate
+from clrun.config import ConfigError, build, build_model, validate
 
 # Presets whose benchmark keys the synthetic benchmark lacks: with debug=default they stop with a
 # one-line ConfigError naming the key. strict: the test fails once synthetic accepts the key.
@@ -46,12 +46,15 @@ def test_every_option_composes_with_debug(group, option):
         return  # real data: test_debug_runs_on_every_benchmark_with_data (slow)
     if group == "model" and option == "torchvision" and not has_torchvision():
         return  # test_debug_runs_every_model says what happens without it
+    if group == "model" and option == "timm":
+        pytest.importorskip("timm")
+        cfg = make_cfg("debug=default", *TIMM_TINY)
     benchmark = build(cfg.benchmark, "benchmark")
-    shape = {"input_shape": benchmark.input_shape, "n_classes": benchmark.n_classes}
-    model = build(cfg.model, "model", **shape).eval()
+    model = build_model(cfg, benchmark, torch.device("cpu")).eval()
     exp = benchmark.train_stream[0]
     x = benchmark.prepare(exp.x[:4], exp.e[:4])
-    assert x.shape[1:] == benchmark.input_shape
+    spec = model.input_spec  # a pre-trained backbone's own input, else the benchmark's
+    assert x.shape[1:] == (benchmark.input_shape if spec is None else (3, *spec.size))
     if cfg.model.head == "single":  # other heads grow at the first experience
         with torch.no_grad():
             assert model(x).shape == (4, benchmark.n_classes)  # small inputs pass through
@@ -62,13 +65,23 @@ MODELS = [pytest.param(m, marks=[pytest.mark.slow] * (m in SLOW_MODELS)) for m i
 # The small CNN (no batch norm, global average pooling of 2×2 maps) cannot overturn the old
 # classes' logits in 26 class-incremental steps on the 8×8 synthetic images (R[i][i] stays at
 # 0.5); it learns every experience task-incrementally, which is what this test checks for it.
-EXTRA = {"cnn": ["benchmark.scenario=task", "model.head=multi"]}
+# model=timm: a two-block ViT-Tiny on 16×16 inputs (the default ViT-B/16 at 224 px takes minutes)
+TIMM_TINY = [
+    "model=timm",
+    "model.name=vit_tiny_patch16_224",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "+model.create_args.depth=2",
+]
+EXTRA = {"cnn": ["benchmark.scenario=task", "model.head=multi"], "timm": TIMM_TINY[1:]}
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_debug_runs_every_model_and_it_learns(run_debug, model):
     """clrun debug=default model=M runs end to end and learns each experience it trains on.
     resnet18 and mobilenet_v1 take a minute on one CPU thread: slow."""
+    if model == "timm":
+        pytest.importorskip("timm")
     if model == "torchvision" and not has_torchvision():
         with pytest.raises(ConfigError, match=r"needs torchvision.*pip install"):
             run_debug(f"model={model}")

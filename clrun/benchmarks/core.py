@@ -109,6 +109,19 @@ def concat(experiences: Sequence[Experience], index: int) -> Experience:
     )
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """The input a model takes, reported by the model (``model.input_spec``; pre-trained
+    backbones): ``channels`` and ``size`` (H, W) of an image, and the mean/std per channel of
+    its weights' normalisation, on the [0, 1] scale. :meth:`Benchmark.fit_input` makes the
+    benchmark's batches fit it, on the device."""
+
+    channels: int
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 @dataclass
 class Benchmark:
     """Train and test streams plus what a model needs to know about the inputs."""
@@ -128,10 +141,12 @@ class Benchmark:
     pixel_scale: float = 255.0  # raw value of a white pixel: 255 for uint8, 1 for float data
     train_origin: list[int] | None = None  # online: original experience of each train one
     validation_stream: list[Experience] = field(default_factory=list)  # held out of training
+    model_input: InputSpec | None = None  # the model's own input (fit_input), else ours
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
         self._norm: dict = {}  # (device, ndim) → (shift, scale), built on first use
+        self._fit_norm: dict = {}  # the same for the model's own normalisation (fit_input)
         shape = tuple(self.input_shape)
         require(
             "benchmark.mean", self.mean, _per_channel(Rule(is_number, "a finite number"), shape)
@@ -169,8 +184,41 @@ class Benchmark:
         x = x.float() if fresh or x.dtype != torch.float32 else x.clone()  # never x's storage
         if self.transform is not None:
             x = self.transform(x, e)
+        if self.model_input is not None:
+            return self._fit(x, self.model_input)
         shift, scale = self._normalizer(x)
         return x.sub_(shift).mul_(scale)
+
+    def fit_input(self, spec: InputSpec | None) -> None:
+        """From now on, :meth:`prepare` makes batches fit the model's ``spec``: pixels to
+        [0, 1], grey images repeated to the model's channels, resized (bilinear) to its size,
+        standardised with its mean and std instead of the benchmark's. None: as before."""
+        if spec is not None and len(self.input_shape) != 3:
+            raise ValueError(
+                f"benchmark {self.name}: inputs shaped {self.input_shape} are not images; "
+                f"this model takes {spec.channels}×{spec.size[0]}×{spec.size[1]} images"
+            )
+        if spec is not None and self.input_shape[0] not in (1, spec.channels):
+            raise ValueError(
+                f"benchmark {self.name}: {self.input_shape[0]}-channel images cannot feed a model "
+                f"that takes {spec.channels} channels"
+            )
+        self.model_input = spec
+        self._fit_norm = {}
+
+    def _fit(self, x: Tensor, spec: InputSpec) -> Tensor:
+        if x.shape[1] != spec.channels:
+            x = x.expand(-1, spec.channels, -1, -1)
+        if tuple(x.shape[-2:]) != tuple(spec.size):
+            x = F.interpolate(x, size=tuple(spec.size), mode="bilinear", align_corners=False)
+        key = (x.device, x.shape[1])
+        if key not in self._fit_norm:
+            mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
+            std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
+            mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+            self._fit_norm[key] = (self.pixel_scale * mean, 1.0 / (self.pixel_scale * std))
+        shift, scale = self._fit_norm[key]
+        return (x - shift).mul_(scale)
 
     def _normalizer(self, x: Tensor) -> tuple[float | Tensor, float | Tensor]:
         key = (x.device, x.dim())

@@ -15,10 +15,12 @@ What lives where:
   ``cnn``, the CIFAR ResNets (``resnet18_reduced``, ``resnet18``, ``resnet32``),
   ``mobilenet_v1`` and ``torchvision_model``, with their initialisations.
 
-Room for what comes next: pre-trained ViT backbones through timm join as ``timm.py`` (a builder
-with the same ``(input_shape, n_classes, head, ...)`` signature, reporting the input size and
-normalisation of its weights), and parameter-efficient modules (prompts, adapters, LoRA) that
-strategies attach to a model go in ``peft.py``. Both are re-exported here like the rest.
+- ``timm.py``: ``timm_model`` (``model=timm``), any timm model as a backbone with weights from
+  nowhere, the hub, a file or a clrun run; it reports its input size and normalisation
+  (``model.input_spec``), which the runner makes every benchmark fit.
+
+Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
+``peft.py``.
 """
 
 from clrun.models.backbones import (
@@ -47,6 +49,7 @@ from clrun.models.heads import (
     old_part,
     with_head,
 )
+from clrun.models.timm import TimmBackbone, timm_model
 
 __all__ = [
     "HEADS",
@@ -59,6 +62,7 @@ __all__ = [
     "MultiHeadClassifier",
     "ResNet",
     "SingleHead",
+    "TimmBackbone",
     "adapt_model",
     "as_multitask",
     "cnn",
@@ -69,6 +73,7 @@ __all__ = [
     "resnet18",
     "resnet18_reduced",
     "resnet32",
+    "timm_model",
     "torchvision_model",
     "with_head",
 ]

@@ -177,6 +177,8 @@ class CLModel(nn.Module):
     """backbone → features → head. ``forward(x, t)`` gives global logits (B, n_classes);
     ``forward_heads(x)`` gives every head's logits (n_heads, B, n_classes)."""
 
+    input_spec = None  # the InputSpec of a pre-trained backbone (timm); None: the benchmark's
+
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
