@@ -10,13 +10,16 @@ What lives where:
 
 - ``core.py``: :class:`Experience`, :func:`concat`, :class:`Benchmark` (device moves, batch
   preparation, normalisation, the augmentation generator's state), the scenarios, class orders
-  (``vandeven``), the stream builders several datasets share (:func:`split_by_class`,
+  (``vandeven``, ``pilot``, ``sorted``), the stream builders several datasets share (:func:`split_by_class`,
   :func:`zero_pad`, the options every benchmark shares) and the online stream
   (:func:`online_stream`).
 - ``augment.py``: batched augmentation on the device (:class:`RandomCropFlip`).
 - ``mnist.py``: Split MNIST, Split Fashion-MNIST, Permuted MNIST, Rotated MNIST (and the
   per-experience pixel permutation and rotation they apply).
 - ``cifar.py``: Split CIFAR-10 and Split CIFAR-100.
+- ``pretrained.py``: the pre-trained track's datasets read from a user's folder, decoded once
+  into a memory-mapped cache (:func:`imagenet_r`, :func:`imagenet_a`, :func:`cub200`,
+  :func:`omnibenchmark`, :func:`vtab`).
 - ``files.py``: your own data: ``.npz`` / ``.pt`` arrays (:func:`from_files`,
   :func:`read_arrays`, :func:`split_by_column`) and image folders (:func:`image_folder`).
 - ``generated.py``: :func:`synthetic`, the generated benchmark of the tests and the ``debug``
@@ -44,6 +47,7 @@ from clrun.benchmarks.core import (
     InputSpec,
     concat,
     online_stream,
+    pilot_class_order,
     split_by_class,
     vandeven_class_order,
     zero_pad,
@@ -60,6 +64,7 @@ from clrun.benchmarks.mnist import (
     split_fmnist,
     split_mnist,
 )
+from clrun.benchmarks.pretrained import cub200, imagenet_a, imagenet_r, omnibenchmark, vtab
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -78,10 +83,15 @@ __all__ = [
     "InputSpec",
     "RandomCropFlip",
     "concat",
+    "cub200",
     "from_files",
     "image_folder",
+    "imagenet_a",
+    "imagenet_r",
+    "omnibenchmark",
     "online_stream",
     "permuted_mnist",
+    "pilot_class_order",
     "read_arrays",
     "rotated_mnist",
     "split_by_class",
@@ -92,5 +102,6 @@ __all__ = [
     "split_mnist",
     "synthetic",
     "vandeven_class_order",
+    "vtab",
     "zero_pad",
 ]

@@ -323,7 +323,24 @@ def vandeven_class_order(n_classes: int, seed: int) -> list[int]:
     return np.argsort(np.random.RandomState(seed).permutation(n_classes)).tolist()
 
 
-NAMED_CLASS_ORDERS = {"vandeven": vandeven_class_order}
+def pilot_class_order(n_classes: int, seed: int) -> list[int]:
+    """The class order of LAMDA-PILOT (``utils/data_manager.py``, ``shuffle: true``), which
+    PyCIL and iCaRL share: ``numpy.random.seed(seed)`` then ``numpy.random.permutation(n_classes)``
+    (the same draws as ``numpy.random.RandomState(seed).permutation``); the k-th class of the
+    stream is ``order[k]``. PILOT's configs use seed 1993."""
+    return np.random.RandomState(seed).permutation(n_classes).tolist()
+
+
+def sorted_class_order(n_classes: int, seed: int) -> list[int]:
+    """The dataset's own order, 0..n-1 (PILOT's ``shuffle: false``; the seed is not used)."""
+    return list(range(n_classes))
+
+
+NAMED_CLASS_ORDERS = {
+    "vandeven": vandeven_class_order,
+    "pilot": pilot_class_order,
+    "sorted": sorted_class_order,
+}
 
 
 def _check_class_order(
