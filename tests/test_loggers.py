@@ -42,14 +42,10 @@ def offline_wandb(monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
 
 
-def wandb_records(wandb_dir: Path) -> dict:
-    """What an offline W&B run wrote, read back from its ``.wandb`` file (a LevelDB-style log:
-    32 KiB blocks of records, each a 7-byte header then a chunk of a protobuf ``Record``):
-    ``run`` (name, group, tags, config), ``history`` (one dict per ``log`` call) and
-    ``summary`` (the last value of each key written to the summary)."""
+def _wandb_log(path: Path) -> list:
+    """Every complete record of the ``.wandb`` file at ``path``."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = Path(wandb_dir).glob("wandb/offline-run-*/*.wandb")
     data, pos, chunks, records = path.read_bytes(), 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
@@ -57,10 +53,30 @@ def wandb_records(wandb_dir: Path) -> dict:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         chunks = chunk if kind in (1, 2) else chunks + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (1, 4):
             records.append(pb.Record.FromString(chunks))
+    return records
+
+
+def wandb_records(wandb_dir: Path) -> dict:
+    """What an offline W&B run wrote, read back from its ``.wandb`` file (a LevelDB-style log:
+    32 KiB blocks of records, each a 7-byte header then a chunk of a protobuf ``Record``):
+    ``run`` (name, group, tags, config), ``history`` (one dict per ``log`` call) and
+    ``summary`` (the last value of each key written to the summary). W&B's service process may
+    still be writing when ``finish()`` returns on a busy machine: read until the run's ``exit``
+    record is there (at most 60 s)."""
+    import time
+
+    (path,) = Path(wandb_dir).glob("wandb/offline-run-*/*.wandb")
+    for _ in range(120):
+        records = _wandb_log(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     out: dict = {"history": [], "summary": {}}
     for r in records:
         kind = r.WhichOneof("record_type")
