@@ -326,9 +326,34 @@ def test_methods_run_in_class_and_task_incremental(run_debug, strategy, scenario
     assert_learned(run_dir)
 
 
-def test_fecam_refuses_domain_incremental_in_one_line(run_debug):
-    with pytest.raises(ConfigError, match="FeCAM .* benchmark.scenario=domain is not supported"):
-        run_debug("strategy=fecam", "benchmark.scenario=domain")
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ("strategy=fecam", "benchmark.scenario=domain"),
+            "FeCAM .*benchmark.scenario=domain is not supported",
+        ),
+        (
+            ("strategy=fecam", "benchmark.online=true"),
+            "FeCAM .*benchmark.online=true is not supported",
+        ),
+        (
+            ("strategy=ranpac", "benchmark.online=true"),
+            "RanPAC .*benchmark.online=true is not supported",
+        ),
+    ],
+    ids=["fecam_domain", "fecam_online", "ranpac_online"],
+)
+def test_unsupported_settings_are_refused_in_one_line(run_debug, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_debug(*overrides)
+
+
+def test_simplecil_runs_in_domain_incremental_and_online(run_debug):
+    for extra in ("benchmark.scenario=domain", "benchmark.online=true"):
+        summary, run_dir = run_debug("strategy=simplecil", extra)
+        assert summary["status"] == "completed" and summary["steps"] == 0
+        assert_learned(run_dir)
 
 
 def test_train_only_and_freeze_backbone_settings():

@@ -2,7 +2,8 @@
 Class Distributions in Exemplar-Free Continual Learning", NeurIPS 2023): per-class prototypes and
 covariances of a frozen embedding, and a Mahalanobis-distance classifier.
 
-- ``pre_update``: refuses the domain-incremental scenario (one covariance per class, fit once).
+- ``pre_update``: refuses the domain-incremental scenario and online streams (one covariance per
+  class, fit once from all the class's samples).
 - ``post_update``: the embeddings of the experience's training data (no augmentation; the
   frozen-feature cache) are mapped to φ(f) = normalise(f), or normalise(f^β) with Tukey's ladder
   of powers when ``tukey_beta`` is set (β = 0.5 in the paper; it needs nonnegative embeddings,
@@ -71,6 +72,11 @@ class FeCAM:
             raise ConfigError(
                 "FeCAM fits each class's covariance once, from the experience that brings it: "
                 "benchmark.scenario=domain is not supported; use class or task"
+            )
+        if getattr(state.benchmark, "train_origin", None) is not None:
+            raise ConfigError(
+                "FeCAM fits each class's covariance once, from all the data of the experience "
+                "that brings it: benchmark.online=true is not supported"
             )
 
     def embed(self, f: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ PEFT modules it would fine-tune the whole backbone, which the paper does not do.
 
 The λ search fits on 80 % of a single experience, so the primal (M × M) or dual (n × n) form is
 used, whichever is smaller; both give the same regression. Works in every scenario (targets are
-the labels y; recurring classes accumulate). State: G, C, λ, the seen classes; W is redrawn from
+the labels y; recurring classes accumulate); not in online streams (``pre_update`` refuses them). State: G, C, λ, the seen classes; W is redrawn from
 the seed and W_o recomputed on load. Memory: G holds M² float64 values (800 MB for M = 10,000).
 """
 
@@ -38,6 +38,7 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.checks import Rule, int_at_least, is_int, require
 from clrun.components import RunState
+from clrun.errors import ConfigError
 from clrun.features import frozen_features
 from clrun.models import MASKED
 
@@ -77,6 +78,13 @@ class RanPAC:
             g = torch.Generator().manual_seed(self.seed)
             self._W = torch.randn(f.shape[1], self.M, generator=g).to(f.device)
         return F.relu(f @ self._W)
+
+    def pre_update(self, state: RunState, exp: Experience) -> None:
+        if getattr(state.benchmark, "train_origin", None) is not None:
+            raise ConfigError(
+                "RanPAC chooses λ on a split of each experience's data and solves an M × M system "
+                "after it: benchmark.online=true is not supported"
+            )
 
     def post_update(self, state: RunState, exp: Experience) -> None:
         h = self.project(frozen_features(state, exp, self.batch_size)).double()
