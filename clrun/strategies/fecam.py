@@ -137,8 +137,9 @@ def fecam_precision(cov: Tensor, gamma1: float, gamma2: float, normalize: bool) 
     nonzero = off != 0
     off_mean = off.sum() / nonzero.sum() if bool(nonzero.any()) else off.sum()
     cov = cov + gamma1 * cov.diagonal().mean() * eye + gamma2 * off_mean * (1 - eye)
-    if normalize:
+    if normalize:  # a dimension without variance (a dead ReLU unit, γ₁ = 0) stays as it is
         sd = cov.diagonal().sqrt()
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
         cov = cov / (sd.unsqueeze(1) * sd.unsqueeze(0))
     return torch.linalg.pinv(cov, hermitian=True)
 
