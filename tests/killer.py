@@ -1,7 +1,8 @@
 """Test-only components: stop the process, or poison the loss, at a chosen step.
 
 ``KillAt`` reads ``CLRUN_TEST_KILL_AT=<step>:<SIGNAL>`` from the environment, so the killed run
-and the runs compared with it have the same config (a resumed run must match it exactly)."""
+and the runs compared with it have the same config (a resumed run must match it exactly);
+``e<i>:<SIGNAL>`` stops it as experience i starts (for strategies that take no step)."""
 
 import os
 import signal
@@ -12,9 +13,16 @@ import torch
 class KillAt:
     def after_step(self, state, batch, x, out):
         spec = os.environ.get("CLRUN_TEST_KILL_AT")
-        if spec:
+        if spec and not spec.startswith("e"):
             step, name = spec.split(":")
             if state.step == int(step):
+                os.kill(os.getpid(), getattr(signal, name))
+
+    def pre_update(self, state, exp):
+        spec = os.environ.get("CLRUN_TEST_KILL_AT")
+        if spec and spec.startswith("e"):
+            experience, name = spec[1:].split(":")
+            if exp.index == int(experience):
                 os.kill(os.getpid(), getattr(signal, name))
 
 

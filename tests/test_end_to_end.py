@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_learned, make_cfg, options
+from conftest import assert_learned, make_cfg, options, strategy_overrides
 
 STRATEGIES = options("strategy")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_and_learns(run_debug, strategy):
-    summary, run_dir = run_debug(f"strategy={strategy}")
+    summary, run_dir = run_debug(*strategy_overrides(strategy))
     assert summary["status"] == "completed"
     R = np.loadtxt(run_dir / "acc_matrix.csv", delimiter=",", skiprows=1)
     assert R.shape == (5, 5)

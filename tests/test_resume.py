@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import clrun as run_clrun
-from conftest import options
+from conftest import options, strategy_overrides
 
 from clrun.checkpoint import CheckpointError
 from clrun.io import write_json
@@ -41,7 +41,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("strategy", options("strategy"))
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, strategy):
-    _kill_anywhere_then_resume(run_debug, tmp_path, f"strategy={strategy}")
+    _kill_anywhere_then_resume(run_debug, tmp_path, *strategy_overrides(strategy))
 
 
 @pytest.mark.parametrize(
@@ -67,14 +67,19 @@ def _kill_anywhere_then_resume(run_debug, tmp_path: Path, *chosen: str) -> None:
     """SIGKILL at a step drawn from the overrides, resume: the same run as never killed."""
     overrides = (*chosen, *KILLER)
     reference, ref_dir = run_debug(*overrides)
-    step = random.Random(" ".join(chosen)).randrange(1, reference["steps"])
+    draw = random.Random(" ".join(chosen))
+    if reference["steps"]:
+        kill_at = f"{draw.randrange(1, reference['steps'])}:SIGKILL"
+    else:  # no gradient step (SimpleCIL, NCM): killed as an experience starts
+        n = len((ref_dir / "acc_matrix.csv").read_text().splitlines()) - 1
+        kill_at = f"e{draw.randrange(1, n)}:SIGKILL"
     run_dir = tmp_path / "killed"
     p = clrun(
         "debug=default",
         *overrides,
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
-        kill_at=f"{step}:SIGKILL",
+        kill_at=kill_at,
     )
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert (

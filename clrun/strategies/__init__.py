@@ -12,14 +12,18 @@ from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
+from clrun.strategies.fecam import FeCAM
+from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
 from clrun.strategies.si import SI
+from clrun.strategies.simplecil import SimpleCIL
 from clrun.strategies.xder import XDER
 
 __all__ = [
@@ -33,10 +37,15 @@ __all__ = [
     "XDER",
     "Amnesiac",
     "Cumulative",
+    "FeCAM",
+    "FreezeBackbone",
     "GDumb",
     "ICaRL",
     "Joint",
     "LwF",
     "RWalk",
+    "RanPAC",
     "Replay",
+    "SimpleCIL",
+    "TrainOnly",
 ]

@@ -17,6 +17,8 @@ semantics (grown heads, eval mode, batching, seeded augmentation) as the built-i
   (penultimate features), :func:`buffer_features` and :func:`offer` (a buffer update with the
   features a ranked selection needs), :func:`frozen_copy` (a teacher), and
   :func:`nearest_mean_logits` (a nearest-class-mean classifier);
+- embeddings of a frozen backbone, computed once per (samples, backbone weights) and shared by
+  every component: :func:`frozen_features` (from :mod:`clrun.features`);
 - :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations.
 """
 
@@ -34,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 from clrun.benchmarks import Experience
 from clrun.buffers import Buffer, FeatureFn
 from clrun.components import RunState
+from clrun.features import frozen_features
 from clrun.models import MASKED, old_part
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "buffer_features",
     "flat_grad",
     "frozen_copy",
+    "frozen_features",
     "model_input",
     "nearest_mean_logits",
     "offer",
