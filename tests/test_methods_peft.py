@@ -129,6 +129,8 @@ def test_adapter_and_prompt_shapes_and_defaults():
     assert peft.attach(model, "vpt_shallow", "s").prompts.shape == (1, 5, d)
     with pytest.raises(ValueError, match="already has an attachment called 'a'"):
         peft.attach(model, "adapter", "a")
+    with pytest.raises(ConfigError, match="vpt_deep takes no option 'width'; its options: tokens"):
+        peft.attach(model, "vpt_deep", "w", width=3)
 
 
 # ------------------------------------------------------------------ APER

@@ -36,6 +36,7 @@ on ``attn.qkv`` (prefixes, LoRA) or on any linear layer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from functools import partial
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from clrun.errors import ConfigError
 
-__all__ = ["KINDS", "Attachment", "attach", "attachments", "find_vit", "only"]
+__all__ = ["KINDS", "Attachment", "attach", "attachments", "check_options", "find_vit", "only"]
 
 
 def find_vit(model: nn.Module, what: str = "this strategy") -> nn.Module:
@@ -255,22 +256,32 @@ KINDS: dict[str, type[Attachment]] = {
 }
 
 
+def check_options(kind: str, options: dict) -> None:
+    """A one-line :class:`ConfigError` for an unknown kind or an option the kind does not take
+    (strategies call it when they are built, before anything runs)."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown parameter-efficient kind {kind!r}; one of {', '.join(KINDS)}")
+    allowed = [n for n in inspect.signature(KINDS[kind]).parameters if n != "vit"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{kind} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(allowed) or 'none'}"
+        )
+
+
 def attach(model: nn.Module, kind: str, name: str | None = None, **options) -> Attachment:
     """Attach modules of ``kind`` (``KINDS``) with ``options`` to the ViT of ``model`` (a clrun
     :class:`~clrun.models.CLModel` with a timm ViT backbone), as ``model.peft[name]`` (default:
     the kind). Every kind but ``finetune`` freezes the ViT's weights; the new modules train."""
-    if kind not in KINDS:
-        raise ConfigError(f"unknown parameter-efficient kind {kind!r}; one of {', '.join(KINDS)}")
+    check_options(kind, options)
     vit = find_vit(model, f"attaching {kind}")
     name = name or kind
     if "peft" not in model._modules:
         model.peft = nn.ModuleDict()
     if name in model.peft:
         raise ValueError(f"the model already has an attachment called {name!r}")
-    try:
-        module = KINDS[kind](vit, **options)
-    except TypeError as e:
-        raise ConfigError(f"{kind}: {' '.join(str(e).split())}") from None
+    module = KINDS[kind](vit, **options)
     device = next(vit.parameters()).device
     module.to(device).train(model.training)
     if kind != "finetune":

@@ -41,6 +41,7 @@ class APER:
         require("APER adapter", adapter, one_of(tuple(peft.KINDS)))
         self.adapter = adapter
         self.options = dict(options or {})  # the kind's options (peft.KINDS), e.g. width
+        peft.check_options(adapter, self.options)
         self.adapted = False  # the first experience has been trained on
         self.sums: Tensor | None = None  # (n_classes, 2D) sums of concatenated embeddings
         self.counts: Tensor | None = None  # (n_classes,)
