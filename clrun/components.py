@@ -45,6 +45,13 @@ Its tensors come back on the run's device, except a random generator's state, wh
 keeps on the CPU if it is under the key ``generator`` (``checkpoint.RNG_KEYS``).
 If a component's constructor takes a ``buffer`` (or ``seed``) argument the YAML does not set,
 the runner passes the run's buffer (or seed).
+
+Per-parameter learning rates: a component may have an attribute ``lr_scales``, a dict from a
+prefix of the model's parameter names to a multiple of ``optimizer.lr`` (SLCA's slow backbone:
+``{"backbone.": 0.01}``). Every optimiser the runner builds then has one parameter group per
+multiple (the unscaled group first), each with ``lr_scale`` and its rate set; the longest
+matching prefix wins. It is fixed when the component is built, so a resumed run rebuilds the
+same groups.
 """
 
 from __future__ import annotations
@@ -129,6 +136,39 @@ class Components:
                     f"may have one {hook} provider: remove one of them or combine them in one "
                     "component"
                 )
+
+        self.lr_scales: dict[str, float] = {}
+        for name, c in self.items.items():
+            for key, scale in (getattr(c, "lr_scales", None) or {}).items():
+                if self.lr_scales.get(key, scale) != scale:
+                    raise ConfigError(
+                        f"strategy.components.{name}: asks for learning rate × {scale} on "
+                        f"{key}*, another component for × {self.lr_scales[key]}"
+                    )
+                self.lr_scales[key] = float(scale)
+
+    def optimizer_factory(self, make_optimizer, model: nn.Module):
+        """``make_optimizer`` itself, or, if a component has ``lr_scales``, a factory that
+        splits the parameters it gets into one group per learning-rate multiple."""
+        if not self.lr_scales:
+            return make_optimizer
+        scales = sorted(self.lr_scales.items(), key=lambda kv: -len(kv[0]))
+
+        def make(params) -> torch.optim.Optimizer:
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups: dict[float, list] = {1.0: []}
+            for p in params:
+                name = names.get(id(p), "")
+                scale = next((s for prefix, s in scales if name.startswith(prefix)), 1.0)
+                groups.setdefault(scale, []).append(p)
+            optimizer = make_optimizer(
+                [{"params": ps, "lr_scale": s} for s, ps in groups.items() if ps]
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * group["lr_scale"]
+            return optimizer
+
+        return make
 
     def uses(self, buffer) -> bool:
         """Whether a component keeps ``buffer`` (the run's replay memory)."""

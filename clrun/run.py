@@ -101,7 +101,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
             outcome.buffer_unused(cfg)  # an override of it is an error or a warning
             buffer = None
         plan = unlearning.plan(cfg, len(benchmark.test_stream), components)
-        make_optimizer = build(cfg.optimizer, "optimizer")
+        # a factory; one parameter group per learning-rate multiple components ask for
+        make_optimizer = components.optimizer_factory(build(cfg.optimizer, "optimizer"), model)
         s = cfg.strategy
         state = RunState(
             model,

@@ -20,6 +20,28 @@ GROUPS = (
     *("debug", "experiment", "lr_schedule", "logger", "hparams_search"),
 )
 
+# model=timm: a two-block ViT-Tiny on 16×16 inputs (the default ViT-B/16 at 224 px takes minutes)
+TIMM_TINY = [
+    "model=timm",
+    "model.name=vit_tiny_patch16_224",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "+model.create_args.depth=2",
+]
+# Strategies that need a timm ViT (they refuse other models in one line): the tests that run
+# every strategy run these on TIMM_TINY with half the samples (about 10 s on one CPU thread).
+VIT_STRATEGIES = ("aper", "ease", "slca")
+VIT_QUICK = ("benchmark.train_per_class=100", "benchmark.test_per_class=25")
+
+
+def strategy_args(strategy: str) -> list[str]:
+    """The overrides that run ``strategy`` in a debug test: the tiny ViT for those that need
+    one (skipped without timm), else the default model."""
+    if strategy not in VIT_STRATEGIES:
+        return [f"strategy={strategy}", *LIGHTER.get(strategy, ())]
+    pytest.importorskip("timm")
+    return [f"strategy={strategy}", *TIMM_TINY, *VIT_QUICK]
+
 
 def options(group: str) -> list[str]:
     """The options of a config group. ``experiment`` holds one folder per paper: its options are
@@ -37,12 +59,8 @@ def options(group: str) -> list[str]:
 # Strategies whose paper defaults are too heavy for a seconds-long debug run, and what tests that
 # run every strategy use instead: RanPAC's M = 10,000 random features make an 800 MB Gram matrix
 # and a 10,000 × 10,000 solve per experience (about 2 minutes on one CPU thread).
+# lighter settings for the tests: RanPAC's M = 10000 makes an 800 MB Gram matrix
 LIGHTER = {"ranpac": ("strategy.M=1000",)}
-
-
-def strategy_overrides(strategy: str) -> tuple[str, ...]:
-    """``strategy=<name>`` and the lighter settings the tests use for it, if any."""
-    return (f"strategy={strategy}", *LIGHTER.get(strategy, ()))
 
 
 def make_cfg(*overrides: str) -> DictConfig:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 import yaml
-from conftest import CONF, GROUPS, assert_learned, has_torchvision, make_cfg, options
+from conftest import (
+    CONF,
+    GROUPS,
+    TIMM_TINY,
+    assert_learned,
+    has_torchvision,
+    make_cfg,
+    options,
+)
 
 from clrun.config import ConfigError, build, build_model, validate
 
@@ -65,14 +73,6 @@ MODELS = [pytest.param(m, marks=[pytest.mark.slow] * (m in SLOW_MODELS)) for m i
 # The small CNN (no batch norm, global average pooling of 2×2 maps) cannot overturn the old
 # classes' logits in 26 class-incremental steps on the 8×8 synthetic images (R[i][i] stays at
 # 0.5); it learns every experience task-incrementally, which is what this test checks for it.
-# model=timm: a two-block ViT-Tiny on 16×16 inputs (the default ViT-B/16 at 224 px takes minutes)
-TIMM_TINY = [
-    "model=timm",
-    "model.name=vit_tiny_patch16_224",
-    "model.img_size=16",
-    "model.patch_size=4",
-    "+model.create_args.depth=2",
-]
 EXTRA = {"cnn": ["benchmark.scenario=task", "model.head=multi"], "timm": TIMM_TINY[1:]}
 
 

@@ -4,19 +4,21 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_learned, make_cfg, options, strategy_overrides
+from conftest import VIT_STRATEGIES, assert_learned, make_cfg, options, strategy_args
 
 STRATEGIES = options("strategy")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_and_learns(run_debug, strategy):
-    summary, run_dir = run_debug(*strategy_overrides(strategy))
+    summary, run_dir = run_debug(*strategy_args(strategy))
     assert summary["status"] == "completed"
     R = np.loadtxt(run_dir / "acc_matrix.csv", delimiter=",", skiprows=1)
     assert R.shape == (5, 5)
-    # each experience is learned when it is trained on (joint learns everything at once)
-    assert np.diag(R).min() > 0.8, R
+    # each experience is learned when it is trained on (joint learns everything at once); the
+    # ViT methods classify with prototypes of a randomly initialised two-block ViT's features,
+    # adapted on the first experience or not at all: well above chance (0.1), not above 0.8
+    assert np.diag(R).min() > (0.5 if strategy in VIT_STRATEGIES else 0.8), R
     for name in (
         "summary.json",
         "metrics.jsonl",

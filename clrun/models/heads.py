@@ -186,6 +186,14 @@ class CLModel(nn.Module):
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         return self.head(self.backbone(x), t)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
+        # are re-attached from their saved description before their weights load.
+        from clrun.models import peft
+
+        peft.restore(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward_heads(self, x: Tensor) -> Tensor:
         return self.head.forward_heads(self.backbone(x))
 

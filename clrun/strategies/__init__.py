@@ -8,8 +8,10 @@ components too.
 
 from clrun.strategies.agem import AGEM
 from clrun.strategies.amnesiac import Amnesiac
+from clrun.strategies.aper import APER
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
+from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
 from clrun.strategies.fecam import FeCAM
@@ -24,16 +26,20 @@ from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
 from clrun.strategies.si import SI
 from clrun.strategies.simplecil import SimpleCIL
+from clrun.strategies.slca import SLCA
 from clrun.strategies.xder import XDER
 
 __all__ = [
     "AGEM",
+    "APER",
     "DER",
+    "EASE",
     "ERACE",
     "EWC",
     "GEM",
     "MAS",
     "SI",
+    "SLCA",
     "XDER",
     "Amnesiac",
     "Cumulative",

@@ -1,0 +1,83 @@
+"""Helpers of the pre-trained-model methods (APER, SLCA, EASE): embeddings of raw samples,
+class means, cosine prototype logits, the cross-entropy over one experience's classes, and the
+checks they share (class-incremental, a timm ViT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clrun.benchmarks import Experience
+from clrun.components import RunState
+from clrun.errors import ConfigError
+from clrun.models import MASKED
+from clrun.models.peft import find_vit
+from clrun.strategies.utils import model_input, piece
+
+__all__ = [
+    "check_class_il",
+    "class_sums",
+    "cosine_logits",
+    "embed",
+    "experience_cross_entropy",
+]
+
+
+def check_class_il(state: RunState, method: str) -> None:
+    """One-line errors for what these methods do not do: other scenarios, online streams,
+    models that are not a timm ViT."""
+    scenario = state.benchmark.scenario
+    if scenario != "class":
+        raise ConfigError(
+            f"{method} is class-incremental only: benchmark.scenario={scenario} is not "
+            "supported; use benchmark.scenario=class"
+        )
+    if getattr(state.benchmark, "train_origin", None) is not None:
+        raise ConfigError(
+            f"{method} fits on whole experiences: benchmark.online=true is not supported"
+        )
+    find_vit(state.model, method)
+
+
+def embed(
+    state: RunState, samples: Experience, fn: Callable[[Tensor], Tensor], batch_size: int = 256
+) -> Tensor:
+    """``fn(model input)`` for every sample (eval mode, no gradient, no augmentation, float32),
+    in batches: the features class means are taken of (the authors compute them with the test
+    transform)."""
+    model = state.model
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad(), state.autocast():
+        for i in range(0, len(samples), batch_size):
+            out.append(fn(model_input(state, piece(samples, i, i + batch_size))).float())
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0, device=state.device)
+    return torch.cat(out)
+
+
+def class_sums(features: Tensor, y: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """(per-class sums of ``features`` (n_classes, D), per-class counts (n_classes,))."""
+    sums = features.new_zeros(n_classes, features.shape[1])
+    sums.index_add_(0, y, features)
+    return sums, torch.bincount(y, minlength=n_classes)
+
+
+def cosine_logits(features: Tensor, prototypes: Tensor, has: Tensor) -> Tensor:
+    """Cosine similarity of each feature to each class prototype; classes without one MASKED."""
+    f = F.normalize(features.float(), dim=1)
+    logits = f @ F.normalize(prototypes.float(), dim=1).T
+    return logits.masked_fill(~has, MASKED)
+
+
+def experience_cross_entropy(out: Tensor, y: Tensor, classes: Tensor) -> Tensor:
+    """Cross-entropy over the logits of ``classes`` only (the current experience's): the
+    authors' loss of SLCA and EASE, which train the new classes' units alone."""
+    pos = torch.full((out.shape[1],), -1, dtype=torch.long, device=out.device)
+    pos[classes] = torch.arange(len(classes), device=out.device)
+    return F.cross_entropy(out[:, classes], pos[y])
