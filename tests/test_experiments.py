@@ -53,7 +53,18 @@ def test_preset_header_names_its_command_and_published_number(preset):
 
 def test_presets_live_one_folder_per_paper_with_protocol_and_record():
     papers = {p.split("/")[0] for p in PRESETS}
-    assert papers == {"buzzega2020", "chaudhry2019", "prabhu2020", "vandeven2018", "vandeven2022"}
+    assert papers == {
+        "buzzega2020",
+        "chaudhry2019",
+        "goswami2023",
+        "mcdonnell2023",
+        "prabhu2020",
+        "vandeven2018",
+        "vandeven2022",
+        "zhang2023",
+        "zhou2024aper",
+        "zhou2024ease",
+    }
     assert not list((CONF / "experiment").glob("*.yaml")), "presets live in <paper>/ folders"
     for paper in papers:
         assert (CONF / "experiment" / paper / "README.md").exists(), paper
