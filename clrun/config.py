@@ -138,6 +138,7 @@ def validate(cfg: DictConfig) -> None:
         if not check(value):
             raise ConfigError(not_allowed(key, value, allowed))
     objective(cfg)
+    _check_strategy_keys_are_read(cfg)
     for group in ("benchmark", "model", "optimizer", "buffer", "lr_schedule"):
         if cfg.get(group) is not None:
             check_signature(cfg[group], group)
@@ -159,6 +160,39 @@ def build_model(cfg: DictConfig, benchmark, device):
     except ValueError as e:
         raise ConfigError(f"model={cfg.model.get('_target_', '?')}: {e}") from None
     return model
+
+
+# strategy keys the runner reads itself; every other strategy key must feed a component
+RUNNER_STRATEGY_KEYS = {"epochs", "iterations", "batch_size", "eval_batch_size", "components"}
+
+
+def _check_strategy_keys_are_read(cfg: DictConfig) -> None:
+    """A strategy key that neither the runner nor any ``${strategy.<key>}`` interpolation reads
+    would be ignored (a preset or a user's YAML naming a key the strategy does not have)."""
+    strategy = cfg.get("strategy")
+    if not isinstance(strategy, DictConfig):
+        return
+    text: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str):
+            text.append(v)
+
+    walk(OmegaConf.to_container(cfg, resolve=False))
+    read = set(re.findall(r"\$\{strategy\.([A-Za-z_0-9]+)", " ".join(text)))
+    unread = sorted(set(strategy) - RUNNER_STRATEGY_KEYS - read)
+    if unread:
+        keys = sorted((set(strategy) - {"components"}) - set(unread))
+        raise ConfigError(
+            f"strategy.{unread[0]}={OmegaConf.select(strategy, unread[0])}: no component of this "
+            f"strategy reads it, so it would be ignored; the strategy's keys: {', '.join(keys)}"
+        )
 
 
 def resolve_device(name: str):

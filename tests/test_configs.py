@@ -50,6 +50,8 @@ def test_every_option_composes_with_debug(group, option):
     cfg = make_cfg("debug=default", f"{group}={option}")
     assert cfg.threads == 1 and cfg.strategy.epochs == 2, "debug must win over the option"
     validate(cfg)
+    if group == "experiment" and cfg.model.get("_target_") == "clrun.models.timm_model":
+        return  # a ViT-B/16 preset: building it needs its published weights (tested apart)
     if group == "benchmark" and option != "synthetic":
         return  # real data: test_debug_runs_on_every_benchmark_with_data (slow)
     if group == "model" and option == "torchvision" and not has_torchvision():
@@ -108,3 +110,11 @@ def test_every_yaml_starts_with_a_comment_and_every_key_is_commented(path):
         key, _, value = stripped.partition(":")
         if value.strip() and not value.strip().startswith("|") and "_target_" not in key:
             assert "#" in value or "${" in value, f"{path.name}: '{stripped}' has no comment"
+
+
+def test_a_strategy_key_no_component_reads_is_a_config_error():
+    """A key added to a strategy (by a preset or a user's YAML) that nothing reads would be
+    silently ignored: validation names it and the keys the strategy has."""
+    with pytest.raises(ConfigError, match=r"strategy.ewc_lamda=5: no component .* ewc_lambda"):
+        validate(make_cfg("strategy=ewc", "+strategy.ewc_lamda=5"))
+    validate(make_cfg("strategy=ewc", "strategy.ewc_lambda=5"))
