@@ -141,9 +141,13 @@ class Recorder:
     def progress(self, i: int) -> str:
         """One log line after experience ``i``: its training work and the accuracy on seen."""
         w, seen = self.timings[-1], [r["acc"] for r in self.rows[-1][: i + 1]]
+        trained = (
+            f"{w['steps']} steps in {w['train_s']:.1f}s, loss {w['train_loss']:.4f}"
+            if w["steps"]
+            else f"no training step ({w['train_s']:.1f}s)"
+        )
         return (
-            f"experience {i + 1}/{self.T}: {w['steps']} steps in {w['train_s']:.1f}s, "
-            f"loss {w['train_loss']:.4f}, accuracy on seen {sum(seen) / len(seen):.4f}"
+            f"experience {i + 1}/{self.T}: {trained}, accuracy on seen {sum(seen) / len(seen):.4f}"
         )
 
     def record_unlearning(
