@@ -30,7 +30,8 @@ from clrun.benchmarks import Experience
 from clrun.checks import one_of, require
 from clrun.components import RunState
 from clrun.models import peft
-from clrun.strategies.ptm import check_class_il, class_sums, cosine_logits, embed
+from clrun.strategies.ptm import check_class_il, class_sums, embed
+from clrun.strategies.simplecil import prototype_logits
 from clrun.strategies.utils import frozen_copy
 
 NAME = "aper"  # the attachment's name in model.peft
@@ -87,7 +88,8 @@ class APER:
         if self.sums is None:
             return state.model(x, t)
         prototypes = self.sums / self.counts.clamp(min=1).unsqueeze(1)
-        return cosine_logits(self.features(state, x), prototypes, self.counts > 0)
+        f = self.features(state, x).float()
+        return prototype_logits(f, prototypes.float(), self.counts > 0, "cosine")
 
     def _pretrained(self, state: RunState) -> torch.nn.Module:
         if self._saved_pretrained is not None:

@@ -13,14 +13,12 @@ from torch import Tensor
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.errors import ConfigError
-from clrun.models import MASKED
 from clrun.models.peft import find_vit
 from clrun.strategies.utils import model_input, piece
 
 __all__ = [
     "check_class_il",
     "class_sums",
-    "cosine_logits",
     "embed",
     "experience_cross_entropy",
 ]
@@ -66,13 +64,6 @@ def class_sums(features: Tensor, y: Tensor, n_classes: int) -> tuple[Tensor, Ten
     sums = features.new_zeros(n_classes, features.shape[1])
     sums.index_add_(0, y, features)
     return sums, torch.bincount(y, minlength=n_classes)
-
-
-def cosine_logits(features: Tensor, prototypes: Tensor, has: Tensor) -> Tensor:
-    """Cosine similarity of each feature to each class prototype; classes without one MASKED."""
-    f = F.normalize(features.float(), dim=1)
-    logits = f @ F.normalize(prototypes.float(), dim=1).T
-    return logits.masked_fill(~has, MASKED)
 
 
 def experience_cross_entropy(out: Tensor, y: Tensor, classes: Tensor) -> Tensor:
