@@ -17,6 +17,8 @@ from clrun.config import validate
 # the README and the documents moved out of it: the results records and the performance record
 DOCUMENTS = [
     ROOT / "README.md",
+    CONF / "benchmark" / "README.md",
+    CONF / "strategy" / "README.md",
     *sorted((CONF / "experiment").glob("*/README.md")),
     ROOT / "scripts" / "README.md",
 ]
