@@ -13,6 +13,7 @@ What lives where:
   (``vandeven``, ``pilot``, ``sorted``), the stream builders several datasets share (:func:`split_by_class`,
   :func:`zero_pad`, the options every benchmark shares) and the online stream
   (:func:`online_stream`).
+- ``input.py``: :class:`InputSpec`, the input a model reports (size, channels, normalisation).
 - ``augment.py``: batched augmentation on the device (:class:`RandomCropFlip`).
 - ``mnist.py``: Split MNIST, Split Fashion-MNIST, Permuted MNIST, Rotated MNIST (and the
   per-experience pixel permutation and rotation they apply).
@@ -44,7 +45,6 @@ from clrun.benchmarks.core import (
     SCENARIOS,
     Benchmark,
     Experience,
-    InputSpec,
     concat,
     online_stream,
     pilot_class_order,
@@ -54,6 +54,7 @@ from clrun.benchmarks.core import (
 )
 from clrun.benchmarks.files import FILE_KEYS, from_files, image_folder, read_arrays, split_by_column
 from clrun.benchmarks.generated import synthetic
+from clrun.benchmarks.input import InputSpec
 from clrun.benchmarks.mnist import (
     FMNIST_MEAN,
     FMNIST_STD,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks.augment import RandomCropFlip
+from clrun.benchmarks.input import InputSpec
 from clrun.checks import (
     Rule,
     boolean,
@@ -107,19 +108,6 @@ def concat(experiences: Sequence[Experience], index: int) -> Experience:
         torch.cat([ex.t for ex in experiences]),
         torch.cat([ex.e for ex in experiences]),
     )
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The input a model takes, reported by the model (``model.input_spec``; pre-trained
-    backbones): ``channels`` and ``size`` (H, W) of an image, and the mean/std per channel of
-    its weights' normalisation, on the [0, 1] scale. :meth:`Benchmark.fit_input` makes the
-    benchmark's batches fit it, on the device."""
-
-    channels: int
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass
