@@ -20,7 +20,8 @@ The :class:`Recorder` rewrites, after each evaluation, ``metrics.jsonl`` (one re
 evaluation of an experience), ``acc_matrix.csv`` (R) and ``train.csv``: one row per row of R with
 the training work since the previous one (``experience``, ``steps``, ``samples``,
 ``train_loss_mean``, ``train_loss_last``, ``train_s``, ``eval_s``, ``samples_per_s``, ``lr`` (the
-optimiser's first parameter group's at the end of the experience), ``rss_mb``). All three come
+optimiser's first parameter group's at the end of the experience), ``rss_mb``, ``params``: the
+model's parameter count after the experience, which grows for model-growing methods). All three come
 from the recorder's checkpointed state, so a resumed run rewrites them whole.
 """
 
@@ -124,10 +125,16 @@ class Recorder:
         self.flush()
 
     def add_timing(
-        self, experience: int, work: dict, eval_s: float, lr: float | None = None
+        self,
+        experience: int,
+        work: dict,
+        eval_s: float,
+        lr: float | None = None,
+        params: int | None = None,
     ) -> None:
         """The costs of one experience: its training ``work`` (:meth:`Work.take`), the seconds
-        its evaluation took, the learning rate at its end and the process's memory now."""
+        its evaluation took, the learning rate at its end, the model's parameter count and the
+        process's memory now."""
         self.timings.append(
             {
                 "experience": experience,
@@ -135,6 +142,7 @@ class Recorder:
                 "eval_s": eval_s,
                 "lr": lr,
                 "rss_mb": current_rss_mb(),
+                "params": params,
             }
         )
 
@@ -301,7 +309,7 @@ class Work:
 
 TRAIN_CSV = (
     *("experience", "steps", "samples", "train_loss_mean", "train_loss_last"),
-    *("train_s", "eval_s", "samples_per_s", "lr", "rss_mb"),
+    *("train_s", "eval_s", "samples_per_s", "lr", "rss_mb", "params"),
 )
 
 
@@ -320,6 +328,7 @@ def train_csv(timings: list[dict]) -> str:
             "train_loss_mean": t["train_loss"],
             "train_loss_last": t.get("train_loss_last"),
             "lr": t.get("lr"),
+            "params": t.get("params"),
             "samples_per_s": t["samples"] / t["train_s"] if t["train_s"] else None,
         }
         lines.append(",".join(cell(row[k]) for k in TRAIN_CSV))
@@ -352,6 +361,8 @@ def run_summary(recorder: Recorder, device=None) -> dict:
         "eval_time_s": sum(t["eval_s"] for t in timings),
         "samples_per_s": sum(t["samples"] for t in timings) / train_s if train_s else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the model's size after each experience (model growth, which papers report)
+        "params_per_experience": [t.get("params") for t in timings],
         "versions": {
             "clrun": clrun.__version__,
             "torch": torch.__version__,

@@ -192,7 +192,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 t0 = time.perf_counter()
                 results, validation = evaluate_streams()
                 lr = state.optimizer.param_groups[0]["lr"]  # for train.csv
-                recorder.add_timing(i, work.take(), eval_s=time.perf_counter() - t0, lr=lr)
+                params = sum(p.numel() for p in model.parameters())  # grows with the model
+                recorder.add_timing(i, work.take(), time.perf_counter() - t0, lr, params)
                 recorder.record(i, results, validation)
                 checkpoint.keep_model(cfg, run_dir, i, state)  # checkpoint.keep=every_experience
                 timing = recorder.timings[-1]

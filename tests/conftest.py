@@ -32,15 +32,23 @@ TIMM_TINY = [
 # every strategy run these on TIMM_TINY with half the samples (about 10 s on one CPU thread).
 VIT_STRATEGIES = ("aper", "ease", "slca")
 VIT_QUICK = ("benchmark.train_per_class=100", "benchmark.test_per_class=25")
+# task-incremental only methods (architecture methods with one mask or column per task)
+TASK_IL = ("benchmark.scenario=task", "model.head=multi")
+# What the tests that run every strategy add to ``strategy=<name>``: the scenario a method
+# declares, or lighter settings where the paper's defaults are too heavy for a seconds-long debug
+# run (RanPAC's M = 10,000 random features make an 800 MB Gram matrix and a 10,000 × 10,000
+# solve per experience: about 2 minutes on one CPU thread).
+STRATEGY_ARGS: dict[str, tuple[str, ...]] = {"ranpac": ("strategy.M=1000",)}
 
 
 def strategy_args(strategy: str) -> list[str]:
     """The overrides that run ``strategy`` in a debug test: the tiny ViT for those that need
-    one (skipped without timm), else the default model."""
+    one (skipped without timm), else the default model; plus its ``STRATEGY_ARGS``."""
+    extra = list(STRATEGY_ARGS.get(strategy, ()))
     if strategy not in VIT_STRATEGIES:
-        return [f"strategy={strategy}", *LIGHTER.get(strategy, ())]
+        return [f"strategy={strategy}", *extra]
     pytest.importorskip("timm")
-    return [f"strategy={strategy}", *TIMM_TINY, *VIT_QUICK]
+    return [f"strategy={strategy}", *TIMM_TINY, *VIT_QUICK, *extra]
 
 
 def options(group: str) -> list[str]:
@@ -54,13 +62,6 @@ def options(group: str) -> list[str]:
             if not p.stem.startswith("protocol")
         )
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-# Strategies whose paper defaults are too heavy for a seconds-long debug run, and what tests that
-# run every strategy use instead: RanPAC's M = 10,000 random features make an 800 MB Gram matrix
-# and a 10,000 × 10,000 solve per experience (about 2 minutes on one CPU thread).
-# lighter settings for the tests: RanPAC's M = 10000 makes an 800 MB Gram matrix
-LIGHTER = {"ranpac": ("strategy.M=1000",)}
 
 
 def make_cfg(*overrides: str) -> DictConfig:

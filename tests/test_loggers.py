@@ -338,7 +338,7 @@ def test_train_csv_has_one_row_per_experience_with_steps_losses_and_lr(run_debug
     rows = read_train_csv(run_dir)
     assert list(rows[0]) == [
         *("experience", "steps", "samples", "train_loss_mean", "train_loss_last"),
-        *("train_s", "eval_s", "samples_per_s", "lr", "rss_mb"),
+        *("train_s", "eval_s", "samples_per_s", "lr", "rss_mb", "params"),
     ]
     assert [int(r["experience"]) for r in rows] == [0, 1, 2, 3, 4]
     epochs, bs = cfg.strategy.epochs, cfg.strategy.batch_size
@@ -352,6 +352,10 @@ def test_train_csv_has_one_row_per_experience_with_steps_losses_and_lr(run_debug
         assert float(r["samples_per_s"]) == pytest.approx(samples_per_s)
         assert float(r["eval_s"]) > 0 and float(r["rss_mb"]) > 0
     assert sum(int(r["steps"]) for r in rows) == summary["steps"]
+    # the model's size after each experience: the debug MLP with its single head does not grow
+    params = [int(r["params"]) for r in rows]
+    assert summary["params_per_experience"] == params
+    assert params == [(64 * 400 + 400) + (400 * 400 + 400) + (400 * 10 + 10)] * 5  # 8×8 inputs
 
 
 def test_train_csv_of_a_resumed_run_equals_the_uninterrupted_one_but_for_times(
