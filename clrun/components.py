@@ -28,6 +28,12 @@ hook                                called                                  retu
                                     ``forget``                              unlearning method
 ==================================  ======================================  ======================
 
+The ``predict`` provider may also have ``predict_experience(state, exp)`` → logits of every
+sample of ``exp`` (raw samples) at once; evaluation then uses it instead of ``predict``. It is
+for classifiers on the embeddings of a frozen backbone (SimpleCIL, RanPAC, FeCAM): they take the
+embeddings from the frozen-feature cache (:mod:`clrun.features`), so the test stream's are
+computed once per run, not after every experience.
+
 ``batch`` is an :class:`~clrun.benchmarks.Experience` of raw samples (``x`` in its compact
 dtype); ``x`` is the prepared model input and ``out`` the logits. Components never replace the
 loop, the data order or the optimiser. The model itself grows (new heads or units) in the runner

@@ -76,8 +76,10 @@ class FeatureCache:
         if hit is not None and hit[0].x is samples.x and hit[0].e is samples.e:
             self._cache.move_to_end(key)
             return hit[1]
-        # cloned outside inference mode: a normal tensor that autograd may use later
-        features = self._compute(state, backbone, samples).clone()
+        # cloned outside inference mode (also when asked at evaluation, which runs in it): a
+        # normal tensor that training code may use later
+        with torch.inference_mode(False):
+            features = self._compute(state, backbone, samples).clone()
         self._cache[key] = (samples, features)  # samples referenced: their ids stay theirs
         while len(self._cache) > self.entries:
             self._cache.popitem(last=False)
@@ -112,5 +114,9 @@ def frozen_features(state: RunState, samples: Experience, batch_size: int = 512)
     first use in ``state.extras``; ``batch_size`` applies when it is created)."""
     cache = state.extras.get(EXTRAS_KEY)
     if cache is None:
-        cache = state.extras[EXTRAS_KEY] = FeatureCache(batch_size)
+        # room for every test and validation experience (scored from the cache at each
+        # evaluation) besides the training sets of the current experience
+        b = state.benchmark
+        held = len(b.test_stream) + len(b.validation_stream or ())
+        cache = state.extras[EXTRAS_KEY] = FeatureCache(batch_size, entries=8 + held)
     return cache(state, samples)

@@ -306,7 +306,9 @@ def evaluate(
     stream: list[Experience] | None = None,
 ) -> list[dict]:
     """Accuracy, mean loss and task-IL accuracy on every experience of ``stream`` (default: the
-    test stream). A component's ``predict`` replaces the model's logits. Task-IL accuracy comes
+    test stream). A component's ``predict`` replaces the model's logits; its
+    ``predict_experience``, if it has one, scores a whole experience at once (from the frozen-
+    feature cache: a frozen backbone's test embeddings are computed once per run). Task-IL accuracy comes
     from the same logits restricted to the classes of the sample's experience (None where the
     benchmark has no task structure): one forward pass, two argmaxes. Counts stay on the device
     until the end."""
@@ -314,6 +316,8 @@ def evaluate(
     stream = benchmark.test_stream if stream is None else stream
     task_classes = benchmark.task_classes
     predict = components.provider("predict")
+    # a classifier on cached embeddings of a frozen backbone scores a whole experience at once
+    predict_all = getattr(getattr(predict, "__self__", None), "predict_experience", None)
     was_training = model.training
     model.eval()
     sums = []
@@ -324,11 +328,15 @@ def evaluate(
         if task_classes is not None:
             own = torch.zeros(benchmark.n_classes, dtype=torch.bool, device=state.device)
             own[task_classes[exp.index]] = True
+        scores = predict_all(state, exp) if predict_all else None
         for i in range(0, len(exp), batch_size):
-            x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
             y, t = exp.y[i : i + batch_size], exp.t[i : i + batch_size]
-            with state.autocast():
-                out = predict(state, x, t) if predict else model(x, t)
+            if scores is not None:
+                out = scores[i : i + batch_size]
+            else:
+                x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
+                with state.autocast():
+                    out = predict(state, x, t) if predict else model(x, t)
             correct += (out.argmax(1) == y).sum()
             loss += F.cross_entropy(out.float(), y, reduction="sum")
             if task_classes is not None:

@@ -279,6 +279,41 @@ class BackboneWatch:
         BackboneWatch.seen.append(snapshot)
 
 
+@pytest.mark.parametrize(
+    "component",
+    [SimpleCIL(), SimpleCIL(metric="euclidean"), RanPAC(M=50), FeCAM(tukey_beta=None)],
+    ids=["simplecil", "ncm", "ranpac", "fecam"],
+)
+def test_evaluation_scores_cached_test_embeddings_once_per_run(component):
+    """A classifier on a frozen backbone scores whole test experiences from the frozen-feature
+    cache: the test embeddings are computed at the first evaluation only, and the results are
+    those of scoring batch by batch through ``predict``."""
+    from clrun.components import Components
+    from clrun.run import evaluate
+
+    state = make_state()
+    for exp in state.benchmark.train_stream[:2]:
+        component.post_update(state, exp)
+    cache = state.extras["feature_cache"]
+    trained = cache.computed
+    first = evaluate(state, Components({"c": component}), 7)
+    assert cache.computed == trained + len(state.benchmark.test_stream)
+    assert evaluate(state, Components({"c": component}), 7) == first  # nothing recomputed
+    assert cache.computed == trained + len(state.benchmark.test_stream)
+
+    class BatchByBatch:  # the same classifier without predict_experience
+        def predict(self, state, x, t):
+            return component.predict(state, x, t)
+
+    cache.clear()
+
+    batched = evaluate(state, Components({"c": BatchByBatch()}), 7)
+    assert cache.computed == trained + len(state.benchmark.test_stream)  # the cache unused
+    for a, b in zip(first, batched, strict=True):
+        assert a["acc"] == b["acc"] and a["task_acc"] == b["task_acc"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 WATCH = "+strategy.components.zwatch._target_=test_methods_pretrained.BackboneWatch"
 
 

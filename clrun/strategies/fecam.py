@@ -120,6 +120,14 @@ class FeCAM:
         with torch.autocast(f.device.type, enabled=False):  # float32 under bf16 too
             return mahalanobis_logits(self.embed(f), self.means, self.precisions, self.seen)
 
+    def predict_experience(self, state: RunState, exp: Experience) -> Tensor | None:
+        """The scores of every sample of ``exp`` from its cached embeddings (None before the
+        first fit: evaluation then calls :meth:`predict`)."""
+        if self.means is None:
+            return None
+        f = frozen_features(state, exp, self.batch_size)
+        return mahalanobis_logits(self.embed(f), self.means, self.precisions, self.seen)
+
     def state_dict(self) -> dict:
         return {"means": self.means, "precisions": self.precisions, "seen": self.seen}
 

@@ -108,6 +108,16 @@ class RanPAC:
         with torch.autocast(f.device.type, enabled=False):  # float32 under bf16 too
             return (self.project(f) @ self.W_out).masked_fill(~self.seen, MASKED)
 
+    def predict_experience(self, state: RunState, exp: Experience) -> Tensor | None:
+        """The scores of every sample of ``exp`` from its cached embeddings (None before the
+        first fit: evaluation then calls :meth:`predict`)."""
+        if self.W_out is None:
+            return None
+        f = frozen_features(state, exp, self.batch_size)
+        # in pieces: the (N, M) random features of a whole experience can be large
+        pieces = [self.project(piece) @ self.W_out for piece in f.split(self.batch_size)]
+        return torch.cat(pieces).masked_fill(~self.seen, MASKED)
+
     def state_dict(self) -> dict:
         return {"G": self.G, "C": self.C, "ridge": self.ridge, "seen": self.seen}
 

@@ -67,6 +67,14 @@ class SimpleCIL:
         with torch.autocast(f.device.type, enabled=False):  # scores in float32 under bf16 too
             return prototype_logits(f, self.prototypes(), self.counts > 0, self.metric)
 
+    def predict_experience(self, state: RunState, exp: Experience) -> Tensor | None:
+        """The scores of every sample of ``exp`` from its cached embeddings (None before the
+        first prototypes: evaluation then calls :meth:`predict`)."""
+        if self.sums is None:
+            return None
+        f = frozen_features(state, exp, self.batch_size)
+        return prototype_logits(f, self.prototypes(), self.counts > 0, self.metric)
+
     def state_dict(self) -> dict:
         return {"sums": self.sums, "counts": self.counts}
 
