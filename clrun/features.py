@@ -13,7 +13,8 @@ When an entry is stale: its key holds
 
 - the samples: the tensors ``x`` and ``e`` themselves (the entry keeps them referenced, so their
   memory cannot be reused by other tensors while it lives) and their version counters;
-- the backbone: every parameter's and buffer's name, data pointer, shape and version counter. An
+- the backbone and the parameter-efficient modules attached to it (``model.peft``, which change
+  its forward pass): every parameter's and buffer's name, data pointer, shape and version counter. An
   optimiser step, ``load_state_dict`` or any in-place write bumps a version counter; a replaced
   or new parameter (an attached module, a grown layer) changes a pointer or the set of names.
   Writes through ``.data`` bypass version counters: after one, call :meth:`FeatureCache.clear`.
@@ -71,6 +72,7 @@ class FeatureCache:
             samples.e._version,
             self.batch_size,
             backbone_key(backbone),
+            backbone_key(getattr(state.model, "peft", nn.Module())),
         )
         hit = self._cache.get(key)
         if hit is not None and hit[0].x is samples.x and hit[0].e is samples.e:
@@ -88,8 +90,9 @@ class FeatureCache:
     @torch.inference_mode()
     def _compute(self, state: RunState, backbone: nn.Module, samples: Experience) -> Tensor:
         self.computed += 1
-        was_training = backbone.training
-        backbone.eval()
+        model = state.model
+        modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
+        model.eval()  # the backbone and its attached modules (their dropout) in eval mode
         bf16 = state.device.type == "cuda" and state.precision == "bf16"
         context = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
         out = []
@@ -100,7 +103,8 @@ class FeatureCache:
                 with context:
                     out.append(backbone(x).flatten(1).float())
         finally:
-            backbone.train(was_training)
+            for m, training in modes:
+                m.training = training
         if not out:
             return torch.zeros(0, 0, device=state.device)
         return torch.cat(out).to(state.device)

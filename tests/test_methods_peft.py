@@ -13,6 +13,7 @@ from conftest import TIMM_TINY, VIT_QUICK, make_cfg, strategy_args
 
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build, build_model
+from clrun.features import frozen_features
 from clrun.models import MASKED, peft
 from clrun.schedules import StepDecay
 from clrun.strategies import APER, EASE, SLCA
@@ -205,6 +206,61 @@ def test_aper_finetune_resumes_bit_identical_after_sigkill(run_debug, tmp_path):
 
     args = (*strategy_args("aper"), "strategy.adapter=finetune")
     _kill_anywhere_then_resume(run_debug, tmp_path, *args)
+
+
+# ------------------------------------------------------------------ RanPAC's Phase 1
+
+
+@pytest.mark.parametrize("kind", ["adapter", "ssf"])
+def test_ranpac_phase1_trains_its_module_on_the_first_experience_only(kind):
+    from clrun.strategies import RanPAC, TrainOnly
+
+    state = tiny_state()
+    stream = state.benchmark.train_stream
+    vit0 = snapshot(state.model, "backbone.net.")
+    ranpac, only_first = RanPAC(M=50, adapter=kind, train_first=True), TrainOnly(True)
+    assert len(only_first.train_data(state, stream[0])) == len(stream[0])
+    ranpac.pre_update(state, stream[0])
+    grow(state, stream[0])
+    start = snapshot(state.model, "peft.")
+    assert set(peft.attachments(state.model)) == {"ranpac"} and start
+    before = frozen_features(state, stream[0])
+    train_steps(state, stream[0])
+    # the feature cache sees the attached module change (a stale entry would be `before`)
+    assert not torch.equal(frozen_features(state, stream[0]), before)
+    ranpac.post_update(state, stream[0])
+    adapted = snapshot(state.model, "peft.")
+    assert not same(adapted, start)  # Phase 1 trained the module ...
+    assert same(snapshot(state.model, "backbone.net."), vit0)  # ... and not the ViT
+    for exp in stream[1:3]:
+        assert len(only_first.train_data(state, exp)) == 0
+        ranpac.pre_update(state, exp)
+        grow(state, exp)
+        assert not any(p.requires_grad for p in state.model.backbone.parameters())
+        assert not any(p.requires_grad for p in state.model.peft.parameters())
+        ranpac.post_update(state, exp)
+        assert same(snapshot(state.model, "peft."), adapted)
+    # Phase 2 fits on the adapted embedding: the Gram matrix of ReLU(f W) with f the ViT's
+    # output through the module
+    model = state.model.eval()
+    with torch.no_grad():
+        h = torch.cat(
+            [ranpac.project(model.backbone(state.model_input(e.x, e.e))) for e in stream[:3]]
+        )
+    h = h.double()
+    torch.testing.assert_close(ranpac.G, h.T @ h, rtol=1e-5, atol=1e-6)
+
+
+def test_ranpac_phase1_runs_resumes_and_refuses_an_untrained_adapter(run_debug, tmp_path):
+    from test_resume import _kill_anywhere_then_resume
+
+    args = (*TIMM_TINY, *VIT_QUICK, "strategy=ranpac", "strategy.M=100")
+    phase1 = (*args, "strategy.first_session_training=true", "strategy.adapter=ssf")
+    _kill_anywhere_then_resume(run_debug, tmp_path, *phase1)
+    with pytest.raises(ConfigError, match="set strategy.first_session_training=true"):
+        run_debug(*args, "strategy.adapter=adapter")
+    with pytest.raises(ConfigError, match="RanPAC strategy.adapter=ssf needs a timm Vision"):
+        run_debug("strategy=ranpac", "strategy.first_session_training=true", "strategy.adapter=ssf")
 
 
 # ------------------------------------------------------------------ SLCA

@@ -17,11 +17,18 @@ accumulate over experiences, so no sample is kept.
 - ``predict``: logits = ReLU(f W) W_o (the authors' ``CosineLinear`` with ``use_RP``, a plain
   linear map without normalisation); classes not seen yet get ``clrun.models.MASKED``.
 
-First-session adaptation (the paper's Phase 1, parameter-efficient fine-tuning on the first
-experience): the strategy's ``first_session_training`` lets :class:`~clrun.strategies.TrainOnly`
-train the model's trainable parameters on experience 0 with the run's optimiser; the adapters
-themselves are the model's (the PEFT modules of ``model=timm``). Off by default here: without
-PEFT modules it would fine-tune the whole backbone, which the paper does not do.
+First-session adaptation (the paper's Phase 1, Algorithm 1): ``adapter`` names a
+parameter-efficient module of :mod:`clrun.models.peft` (adapter | ssf | vpt_shallow | vpt_deep |
+finetune; the authors' argument files use an AdaptFormer adapter on CIFAR-100 and SSF on
+ImageNet-R). ``pre_update`` of the first experience attaches it to the model's ViT (whose own
+weights it freezes; ``finetune`` trains the whole ViT), the runner trains it with the head on
+experience 0 (the strategy's ``first_session_training`` lets :class:`~clrun.strategies.TrainOnly`
+train that experience only) with its loss and optimiser, and ``post_update`` freezes it for good
+before the first embeddings are taken. ``adapter: none`` with ``first_session_training`` trains
+the model's own trainable parameters on experience 0 instead (full fine-tuning of the backbone).
+Difference from the authors' code (RanPAC.py): the head trained in Phase 1 is the model's head
+(``model.head``), not their cosine classifier with a learned scale; it is discarded afterwards in
+both (Phase 2's ridge classifier replaces it).
 
 The λ search fits on 80 % of a single experience, so the primal (M × M) or dual (n × n) form is
 used, whichever is smaller; both give the same regression. Works in every scenario (targets are
@@ -36,13 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clrun.benchmarks import Experience
-from clrun.checks import Rule, int_at_least, is_int, require
+from clrun.checks import Rule, int_at_least, is_int, one_of, require
 from clrun.components import RunState
 from clrun.errors import ConfigError
 from clrun.features import frozen_features
-from clrun.models import MASKED
+from clrun.models import MASKED, peft
 
 __all__ = ["RanPAC", "choose_ridge", "ridge_losses", "ridge_solve"]
+
+NAME = "ranpac"  # the Phase 1 attachment's name in model.peft
 
 
 class RanPAC:
@@ -52,8 +61,20 @@ class RanPAC:
         ridge_exponents: tuple[int, int] = (-8, 8),
         batch_size: int = 512,
         seed: int = 0,
+        adapter: str = "none",
+        adapter_options: dict | None = None,
+        train_first: bool = False,
     ):
         require("RanPAC M", M, int_at_least(0))
+        require("RanPAC adapter", adapter, one_of(("none", *peft.KINDS)))
+        if adapter != "none":
+            peft.check_options(adapter, dict(adapter_options or {}))
+            if not train_first:
+                raise ConfigError(
+                    f"strategy.adapter={adapter} is trained in Phase 1, on the first experience: "
+                    "set strategy.first_session_training=true (or strategy.adapter=none)"
+                )
+        self.adapter, self.adapter_options = adapter, dict(adapter_options or {})
         pair = Rule(
             lambda v: len(v) == 2 and all(is_int(k) for k in v) and v[0] <= v[1],
             "[lowest, highest] integer exponents",
@@ -85,8 +106,14 @@ class RanPAC:
                 "RanPAC chooses λ on a split of each experience's data and solves an M × M system "
                 "after it: benchmark.online=true is not supported"
             )
+        if self.adapter != "none" and NAME not in peft.attachments(state.model):
+            # Phase 1: the module the runner trains on this (the first) experience
+            peft.find_vit(state.model, f"RanPAC strategy.adapter={self.adapter}")
+            peft.attach(state.model, self.adapter, NAME, **self.adapter_options)
 
     def post_update(self, state: RunState, exp: Experience) -> None:
+        if self.adapter != "none":
+            peft.attachments(state.model)[NAME].set_trainable(False)  # Phase 1 is over
         h = self.project(frozen_features(state, exp, self.batch_size)).double()
         y = F.one_hot(exp.y, state.benchmark.n_classes).double()
         if self.G is None:
