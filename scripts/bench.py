@@ -8,7 +8,12 @@
 Workloads: Split MNIST, MLP 400-400, Adam (lr 0.001): naive, replay (class-balanced buffer of 500),
 LwF and EWC, at batch 32 and 128 (``mnist_<strategy>_b<batch>``); Split CIFAR-10, reduced
 ResNet-18, SGD (lr 0.05), random crop + flip augmentation: naive and replay, at batch 32 and 128
-(``cifar_<strategy>_b<batch>``). Every run is 5 experiences of one epoch each.
+(``cifar_<strategy>_b<batch>``); the same CIFAR-shaped data through a ViT-Tiny (timm's
+``vit_tiny_patch16_224`` with 4 blocks, 32×32 inputs in 4×4 patches, its own normalisation, a
+linear head, random initialisation): fine-tuning at batch 32 (``vit_naive_b32``, SGD lr 0.01) and
+SimpleCIL's prototype classifier on the frozen embedding (``vit_simplecil``: no gradient step; one
+feature pass over each experience's training data, the test embeddings computed once). Every run
+is 5 experiences of one epoch each.
 
 CIFAR-10 here is generated, CIFAR-shaped data written in the official python format (a
 ``cifar-10-batches-py`` folder: ``--cifar-per-class`` training and test images per class, default
@@ -101,7 +106,12 @@ WORKLOADS: dict[str, Workload] = {
         for b in (32, 128)
     },
     **{f"cifar_{s}_b{b}": Workload("cifar", s, b) for s in ("naive", "replay") for b in (32, 128)},
+    # a ViT-Tiny (4 blocks, 32×32 inputs in 4×4 patches) on the CIFAR-shaped data: fine-tuning,
+    # and SimpleCIL's prototype classifier on the frozen (here randomly initialised) embedding
+    "vit_naive_b32": Workload("vit", "naive", 32),
+    "vit_simplecil": Workload("vit", "simplecil", 512),
 }
+VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4}
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,17 @@ def clrun_command(w: Workload, s: Settings, run_dir: str, extra: list[str]) -> l
             "model=resnet18_reduced",
             "optimizer=sgd",
             "optimizer.lr=0.05",
+        ]
+    if w.data == "vit":
+        data[2:] = [
+            "model=timm",
+            f"model.name={VIT['name']}",
+            f"model.img_size={VIT['img_size']}",
+            f"model.patch_size={VIT['patch_size']}",
+            f"+model.create_args.depth={VIT['depth']}",
+            "model.head=single",
+            "optimizer=sgd",
+            "optimizer.lr=0.01",
         ]
     cmd = [
         sys.executable,
@@ -336,6 +357,17 @@ def bare(name: str, s: Settings, result: Path) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(0)
+    if w.data == "vit":  # built first, as clrun builds the model right after the data
+        import timm
+
+        net = timm.create_model(
+            VIT["name"],
+            num_classes=0,
+            drop_path_rate=0.0,
+            img_size=VIT["img_size"],
+            patch_size=VIT["patch_size"],
+            depth=VIT["depth"],
+        )
     if w.data == "mnist":
         cache = Path(os.environ.get("CLRUN_DATA", Path.home() / ".cache" / "clrun"))
         with np.load(cache / "mnist" / "arrays.npz") as z:
@@ -355,6 +387,10 @@ def bare(name: str, s: Settings, result: Path) -> None:
             data[f"y_{split}"] = torch.tensor([c for b in batches for c in b["labels"]])
         shift = torch.tensor([255.0 * m for m in CIFAR10_MEAN]).view(3, 1, 1).to(device)
         scale = torch.tensor([1.0 / (255.0 * v) for v in CIFAR10_STD]).view(3, 1, 1).to(device)
+    if w.data == "vit":  # the ViT's own normalisation (its pretrained config), in float32
+        mean = torch.tensor(net.pretrained_cfg["mean"], dtype=torch.float32, device=device)
+        std = torch.tensor(net.pretrained_cfg["std"], dtype=torch.float32, device=device)
+        shift, scale = (255.0 * mean).view(3, 1, 1), (1.0 / (255.0 * std)).view(3, 1, 1)
 
     def split(x, y):
         return [(x[(y // 2) == i].to(device), y[(y // 2) == i].to(device)) for i in range(5)]
@@ -390,6 +426,18 @@ def bare(name: str, s: Settings, result: Path) -> None:
             nn.Linear(400, 10),
         )
         opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    elif w.data == "vit":
+
+        class ViT(nn.Module):  # the embedding, then a linear head
+            def __init__(self):
+                super().__init__()
+                self.backbone, self.head = net, nn.Linear(net.num_features, 10)
+
+            def forward(self, x):
+                return self.head(self.backbone(x))
+
+        model = ViT()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
     else:
         model = _reduced_resnet18()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -421,6 +469,8 @@ def bare(name: str, s: Settings, result: Path) -> None:
         ]
 
     baseline = evaluate()  # the untrained model: FWT's b_j
+    if w.strategy == "simplecil":
+        return _bare_simplecil(model, train, test, prep, baseline, result)
     gen = torch.Generator().manual_seed(0)  # minibatch order
     mem_gen = torch.Generator().manual_seed(0)  # the replay memory's own draws
     ewc_gen = torch.Generator().manual_seed(0)  # the order of the Fisher's samples
@@ -440,7 +490,7 @@ def bare(name: str, s: Settings, result: Path) -> None:
             if w.strategy == "replay" and mem_y is not None:
                 m = torch.randperm(len(mem_y), generator=mem_gen)[: len(idx)].to(device)
                 xb, yb = torch.cat([xb, mem_x[m]]), torch.cat([yb, mem_y[m]])
-            inp = prep(augment(xb) if w.data == "cifar" else xb)
+            inp = prep(augment(xb) if w.data != "mnist" else xb)
             with autocast():
                 out = model(inp)
                 loss = F.cross_entropy(out, yb)
@@ -522,6 +572,56 @@ def bare(name: str, s: Settings, result: Path) -> None:
                 "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20
                 if device.type == "cuda"
                 else 0.0,
+            }
+        )
+    )
+
+
+def _bare_simplecil(model, train, test, prep, baseline, result: Path) -> None:
+    """SimpleCIL by hand: class means of the frozen embedding (batches of 512, eval mode, no
+    augmentation) after each experience; test samples scored by cosine similarity to every seen
+    class's mean, their embeddings computed once (the backbone never changes)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+
+    @torch.inference_mode()
+    def embed(x):
+        return torch.cat(
+            [model.backbone(prep(x[i : i + 512])).float() for i in range(0, len(x), 512)]
+        )
+
+    sums = counts = None
+    test_f = None
+    R, train_s, samples = [], 0.0, 0
+    for x, y in train:
+        t0 = time.perf_counter()
+        f = embed(x).double()
+        if sums is None:
+            sums = torch.zeros(10, f.shape[1], dtype=torch.float64, device=f.device)
+            counts = torch.zeros(10, dtype=torch.long, device=f.device)
+        sums.index_add_(0, y, f)
+        counts += torch.bincount(y, minlength=10)
+        train_s += time.perf_counter() - t0
+        samples += len(y)
+        if test_f is None:
+            test_f = [embed(xt) for xt, _ in test]
+        protos = F.normalize((sums / counts.clamp(min=1).unsqueeze(1)).float(), dim=1)
+        row = []
+        for f_t, (_, yt) in zip(test_f, test, strict=True):
+            scores = (F.normalize(f_t, dim=1) @ protos.T).masked_fill(~(counts > 0), -1e9)
+            row.append((scores.argmax(1) == yt).float().mean().item())
+        R.append(row)
+    result.write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "acc": sum(R[-1]) / len(R[-1]),
+                "R": [baseline, *R],
+                "samples_per_s": samples / train_s,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mb": 0.0,
             }
         )
     )
@@ -631,7 +731,7 @@ def main() -> None:
         ap.error(f"no workload matches {a.workloads!r}; known: {', '.join(WORKLOADS)}")
     train_pc, test_pc = (int(v) for v in a.cifar_per_class.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        if any(WORKLOADS[n].data == "cifar" for n in names):
+        if any(WORKLOADS[n].data != "mnist" for n in names):
             folder = Path(tmp) / "cifar-10-batches-py"
             write_cifar_folder(folder, train_pc, test_pc)
             settings = dataclasses.replace(settings, cifar_folder=str(folder))
@@ -644,7 +744,7 @@ def main() -> None:
         f"drawing and writing acc_matrix.png and acc_curve.png; median of {a.repeats} fresh "
         "processes)."
     )
-    if any(WORKLOADS[n].data == "cifar" for n in names):
+    if any(WORKLOADS[n].data != "mnist" for n in names):
         md += f"\n\nCIFAR-10: generated, {train_pc} training and {test_pc} test images per class."
     print(md)
     if a.out:
