@@ -40,7 +40,23 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert same, k
 
 
-@pytest.mark.parametrize("strategy", options("strategy"))
+# The default suite resumes one strategy of each kind of state (a buffer, logits in a buffer,
+# a teacher, a quadratic penalty, gradient memories, class means, a reset model, a ridge
+# classifier, attached modules, a grown model, masks per task, prompts); every strategy resumes
+# in the slow suite (`pytest -m slow`, run by CI too).
+RESUME_IN_DEFAULT_SUITE = {
+    *("naive", "replay", "der", "lwf", "ewc", "si", "gem", "icarl", "gdumb"),
+    *("ranpac", "aper", "ease", "dynamic_der", "foster", "hat", "pnn", "l2p", "inflora"),
+}
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        s if s in RESUME_IN_DEFAULT_SUITE else pytest.param(s, marks=pytest.mark.slow)
+        for s in options("strategy")
+    ],
+)
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(run_debug, tmp_path, strategy):
     _kill_anywhere_then_resume(run_debug, tmp_path, *strategy_args(strategy))
 
