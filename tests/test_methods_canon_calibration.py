@@ -124,7 +124,9 @@ def test_foster_old_extractor_gets_no_gradient_while_boosting():
     loss.backward()
     opt.step()
     assert all(p.grad is None for p in model.backbone.old.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.new.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.new.parameters()
+    )
     for k, v in model.backbone.old.state_dict().items():
         assert torch.equal(v, old_weights[k]), k
 

@@ -8,8 +8,8 @@ components too.
 
 from clrun.strategies.agem import AGEM
 from clrun.strategies.amnesiac import Amnesiac
-from clrun.strategies.bic import BiC
 from clrun.strategies.aper import APER
+from clrun.strategies.bic import BiC
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
 from clrun.strategies.ease import EASE
@@ -28,8 +28,8 @@ from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
 from clrun.strategies.si import SI
 from clrun.strategies.simplecil import SimpleCIL
-from clrun.strategies.wa import WA
 from clrun.strategies.slca import SLCA
+from clrun.strategies.wa import WA
 from clrun.strategies.xder import XDER
 
 __all__ = [

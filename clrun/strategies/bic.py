@@ -133,7 +133,9 @@ class BiC:
         self.bias_momentum = float(require("BiC bias_momentum", bias_momentum, number_at_least(0)))
         wd = require("BiC bias_weight_decay", bias_weight_decay, number_at_least(0))
         self.bias_weight_decay = float(wd)
-        self.bias_milestones = [require("BiC bias_milestones[]", m, int_at_least(1)) for m in bias_milestones]
+        self.bias_milestones = [
+            require("BiC bias_milestones[]", m, int_at_least(1)) for m in bias_milestones
+        ]
         self.bias_lr_decay = float(require("BiC bias_lr_decay", bias_lr_decay, number_above(0)))
         self.bias_batch_size = require("BiC bias_batch_size", bias_batch_size, int_at_least(1))
         self.seed = int(seed)
@@ -180,7 +182,9 @@ class BiC:
         with torch.no_grad():
             old = self._teacher_logits(teacher, x, batch.t)[:, units[:n_old]]
         lam = n_old / len(units)
-        return lam * soft_cross_entropy(out[:, units[:n_old]], old, self.temperature) + (1 - lam) * ce
+        return (
+            lam * soft_cross_entropy(out[:, units[:n_old]], old, self.temperature) + (1 - lam) * ce
+        )
 
     # ---------------------------------------------------------------- stage 2
     def post_update(self, state: RunState, exp: Experience) -> None:

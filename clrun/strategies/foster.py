@@ -199,7 +199,9 @@ class FOSTER:
         self.compression_epochs = require(
             "FOSTER compression_epochs", compression_epochs, int_at_least(0)
         )
-        self.compression_lr = float(require("FOSTER compression_lr", compression_lr, number_above(0)))
+        self.compression_lr = float(
+            require("FOSTER compression_lr", compression_lr, number_above(0))
+        )
         self.compression_batch_size = require(
             "FOSTER compression_batch_size", compression_batch_size, int_at_least(1)
         )

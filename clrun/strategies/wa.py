@@ -57,7 +57,9 @@ def head_rows(model: nn.Module, classes: list[int]) -> tuple[nn.Linear, Tensor]:
     head: the class indices; an incremental head: where it keeps each class's unit)."""
     head = model.head
     if isinstance(head, SingleHead):
-        return head.linear, torch.tensor(classes, dtype=torch.long, device=head.linear.weight.device)
+        return head.linear, torch.tensor(
+            classes, dtype=torch.long, device=head.linear.weight.device
+        )
     if isinstance(head, IncrementalClassifier):
         units = head.units
         wanted = torch.tensor(classes, dtype=torch.long, device=units.classes.device)
