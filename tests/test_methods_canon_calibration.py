@@ -14,7 +14,7 @@ from clrun.buffers import ReservoirBuffer
 from clrun.components import RunState
 from clrun.config import build
 from clrun.models import adapt_model, mlp
-from clrun.strategies.bic import correct_logits, fit_bias
+from clrun.strategies.bic import BiC, correct_logits, fit_bias
 from clrun.strategies.foster import FOSTER, BoostedBackbone, BoostingHead, boost
 from clrun.strategies.wa import align_weights
 
@@ -84,13 +84,27 @@ def test_bias_correction_fit_matches_the_closed_form():
     assert beta.item() == pytest.approx(0.0, abs=1e-3)
 
 
-def test_bic_end_to_end_corrects_the_last_classes_at_evaluation(run_debug):
+def test_bic_keeps_every_past_correction_on_its_own_classes():
+    """Two past experiences: classes [1, 2] corrected by (2, 1), class [4] by (0.5, −3); the
+    other columns are copied as they are (PyCIL's one frozen bias layer per task)."""
+    bic = BiC(ReservoirBuffer(10))
+    bic.corrections = [
+        {"alpha": torch.tensor(2.0), "beta": torch.tensor(1.0), "classes": [1, 2]},
+        {"alpha": torch.tensor(0.5), "beta": torch.tensor(-3.0), "classes": [4]},
+    ]
+    out = torch.tensor([[1.0, 2.0, 3.0, 4.0, 6.0]])
+    assert bic.corrected(out).tolist() == [[1.0, 5.0, 7.0, 4.0, 0.0]]
+
+
+def test_bic_end_to_end_corrects_each_experience_at_evaluation(run_debug):
     summary, run_dir = run_debug("strategy=bic", "strategy.bias_epochs=50")
     assert summary["status"] == "completed"
     bic = final_state(run_dir)["components"]["bic"]
     bench = build(make_cfg("debug=default").benchmark, "benchmark")
-    assert bic["corrected"] == bench.train_stream[-1].classes
-    assert bic["alpha"].item() != 1.0 or bic["beta"].item() != 0.0  # stage 2 moved α, β
+    later = [e.classes for e in bench.train_stream[1:]]
+    assert [c["classes"] for c in bic["corrections"]] == later  # none for the first experience
+    last = bic["corrections"][-1]
+    assert last["alpha"].item() != 1.0 or last["beta"].item() != 0.0  # stage 2 moved α, β
 
 
 # --------------------------------------------------------------------------------------- FOSTER

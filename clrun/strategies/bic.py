@@ -1,44 +1,56 @@
 """BiC: bias correction (Wu, Chen, Wang, Ye, Liu, Guo & Fu, "Large Scale Incremental Learning",
 CVPR 2019).
 
-Memory: the run's ``buffer`` (the paper: 2000 exemplars on CIFAR-100, chosen by herding as in
-iCaRL; choose ``buffer=herding buffer.max_size=2000``). Two stages per experience; when each hook
-runs and what it changes:
+The paper's text could not be opened on this machine. What it says is taken from the passages
+that FACIL (mmasana/FACIL, src/approach/bic.py, which follows the authors' code
+wuyuebupt/LargeScaleIncrementalLearning) quotes with their section numbers: Sec. 3 "λ is set to
+n/(n+m)"; Sec. 6.1 2,000 exemplars on CIFAR-100 and "the ratio of train/validation split on the
+exemplars is 9:1 for CIFAR-100 and ImageNet-1000"; Sec. 6.2 T = 2 and weight decay 2e-4 on
+CIFAR-100; Eqs. 4–5 the bias-correction layer on the new classes' logits, trained with
+cross-entropy on the held-out set without temperature. Where those are silent we follow PyCIL
+(G-U-N/PyCIL at 87cc411, models/bic.py and utils/inc_net.py ``IncrementalNetWithBias``).
+
+Memory: the run's ``buffer`` (2,000 exemplars on CIFAR-100, herding as in iCaRL: choose
+``buffer=herding buffer.max_size=2000``). Two stages per experience; when each hook runs and
+what it changes:
 
 - ``train_data``: the experience's samples together with every exemplar, minus a held-out
   validation set of k samples per class, for the old classes (from their exemplars) and the new
   ones alike: k = ``val_ratio`` × (exemplars per old class), at least 1 (PyCIL's
-  ``val_samples_per_class = int(split_ratio * memory_size / known_classes)``, split_ratio 0.1: the
-  paper's 9:1 train/validation split of the old classes' exemplars, with as many new-class
-  samples so that the validation set is balanced). The split is drawn with a generator seeded by
-  the run's seed and the experience (a resumed run draws the same). First experience: no split.
+  ``val_samples_per_class = int(split_ratio * memory_size / known_classes)``, split_ratio 0.1:
+  the 9:1 split of the old classes' exemplars, with as many samples of each new class, so that
+  the validation set is balanced). The split is drawn anew each experience (PyCIL) with a
+  generator seeded by the run's seed and the experience (a resumed run draws the same). First
+  experience: no split.
 - ``loss`` (stage 1, replaces the runner's cross-entropy): λ · KD + (1 − λ) · CE with
-  λ = n_old / (n_old + n_new), n the numbers of old and new classes (the paper's Eq. 3); CE over
-  the units of the classes seen so far; KD = −Σ_k softmax(ô_k/T) log softmax(o_k/T) over the old
-  classes, T = ``temperature`` (2), ô the logits of the model as it was after the previous
-  experience *with its bias correction applied* (the paper's old model).
-- ``post_update`` (stage 2, from the second experience on): the model is frozen and a
-  bias-correction layer q_k = α o_k + β for the new classes' logits (old classes' logits unchanged)
-  is fitted on the held-out set: softmax cross-entropy of the corrected logits over the classes
-  seen so far (the paper's Eq. 5), minimised over α, β (starting at 1, 0) with this component's
-  own SGD (``bias_lr``, momentum ``bias_momentum``, weight decay ``bias_weight_decay``; the rate
-  × ``bias_lr_decay`` at each of ``bias_milestones``; ``bias_epochs`` passes in minibatches of
-  ``bias_batch_size``, shuffled by the component's seeded generator). The runner's optimiser is
-  untouched. Then the experience is offered to the buffer (herding on the model's features) and a
-  frozen copy of the model, with its α, β, becomes the next experience's old model.
-- ``predict``: the model's logits with the current correction applied to the new classes of the
-  last experience.
+  λ = n_old / (n_old + n_new) (Sec. 3); CE over the units of the classes seen so far; KD =
+  −Σ_k softmax(ô_k/T) log softmax(o_k/T) over the old classes, T = ``temperature`` (2), ô the
+  logits of the model as it was after the previous experience. Both the model's and the old
+  model's logits first pass through every past experience's frozen correction, as in PyCIL
+  (``IncrementalNetWithBias.forward`` applies all ``bias_layers``; the old ones get learning
+  rate 0) and FACIL (``bias_forward`` on both).
+- ``post_update`` (stage 2, from the second experience on): the model is frozen and a new
+  correction q_k = α o_k + β of this experience's new classes' logits is fitted on the held-out
+  set (the other classes' logits keep their own frozen corrections): softmax cross-entropy of
+  the corrected logits over the classes seen so far (Eq. 5), minimised over α, β (from 1, 0)
+  with this component's own SGD (``bias_lr``, momentum ``bias_momentum``, weight decay
+  ``bias_weight_decay``; the rate × ``bias_lr_decay`` at each of ``bias_milestones``;
+  ``bias_epochs`` passes in minibatches of ``bias_batch_size``, shuffled by the component's
+  seeded generator). The correction is kept, frozen, for the rest of the run (PyCIL appends one
+  ``BiasLayer_BIC`` per task and trains only the last). The runner's optimiser is untouched.
+  Then the experience is offered to the buffer (herding on the model's features) and a frozen
+  copy of the model becomes the next experience's old model.
+- ``predict``: the model's logits with every correction applied.
 
-Where the paper is silent we follow PyCIL (G-U-N/PyCIL, models/bic.py, CIFAR-100 block): stage 2
-runs as many epochs as stage 1 with the same schedule (250 epochs, lr 0.1, momentum 0.9, weight
-decay 2e-4, milestones 100/150/200, decay 0.1, batch 128). Differences from PyCIL, each the
-paper's: stage 2 minimises the cross-entropy of the corrected logits (PyCIL's code applies
-``cross_entropy`` to their softmax); PyCIL keeps one (α, β) per past experience, each frozen after
-its own stage 2, while the paper corrects only the newest classes, as here. The frozen model's
-logits on the held-out samples are computed once, in eval mode, without augmentation (PyCIL
-re-augments them every epoch with batch-norm in training mode). Class-incremental only, one head
-over all classes. State: α, β, the corrected classes, the old classes, the old model with its α,
-β.
+Stage-2 settings are PyCIL's: its models/bic.py reuses stage 1's schedule (170 epochs, lr 0.1,
+momentum 0.9, weight decay 2e-4, milestones 60/100/140, decay 0.1, batch 128). Differences from
+PyCIL: stage 2 minimises the cross-entropy of the corrected logits (Eq. 5; PyCIL's code applies
+``cross_entropy`` to their softmax); the frozen model's logits on the held-out samples are
+computed once, in eval mode, without augmentation (PyCIL re-augments them every epoch with
+batch-norm in training mode). FACIL reports that the authors' code runs 200 stage-2 epochs and
+adds 0.1 · β²/2 to the stage-2 loss; we keep PyCIL's weight decay on α, β instead.
+Class-incremental only, one head over all classes. State: the corrections (α, β and their
+classes), the old classes, the old model.
 """
 
 from __future__ import annotations
@@ -114,11 +126,11 @@ class BiC:
         buffer: Buffer | None,
         temperature: float = 2.0,
         val_ratio: float = 0.1,
-        bias_epochs: int = 250,
+        bias_epochs: int = 170,
         bias_lr: float = 0.1,
         bias_momentum: float = 0.9,
         bias_weight_decay: float = 2e-4,
-        bias_milestones: Sequence[int] = (100, 150, 200),
+        bias_milestones: Sequence[int] = (60, 100, 140),
         bias_lr_decay: float = 0.1,
         bias_batch_size: int = 128,
         seed: int = 0,
@@ -140,11 +152,11 @@ class BiC:
         self.bias_batch_size = require("BiC bias_batch_size", bias_batch_size, int_at_least(1))
         self.seed = int(seed)
         self.old_classes: list[int] = []
-        self.alpha, self.beta = torch.ones(()), torch.zeros(())
-        self.corrected: list[int] = []  # the classes whose logits α, β correct
+        # one frozen (α, β) per past experience, on that experience's new classes (PyCIL's
+        # bias_layers): {"alpha": Tensor, "beta": Tensor, "classes": list[int]}
+        self.corrections: list[dict] = []
         self.teacher: nn.Module | None = None
         self._saved_teacher: dict | None = None
-        self.teacher_bias: dict = {"alpha": torch.ones(()), "beta": torch.zeros(()), "classes": []}
         self._units: Tensor | None = None  # seen classes: old, then new
         self._validation: Experience | None = None  # the held-out samples of this experience
 
@@ -172,6 +184,7 @@ class BiC:
     # ---------------------------------------------------------------- stage 1
     def loss(self, state: RunState, batch: Experience, x: Tensor, out: Tensor) -> Tensor:
         units = self._units
+        out = self.corrected(out)  # past experiences' frozen corrections (PyCIL, FACIL)
         pos = torch.full((out.shape[1],), -1, dtype=torch.long, device=out.device)
         pos[units] = torch.arange(len(units), device=out.device)
         ce = F.cross_entropy(out[:, units], pos[batch.y])
@@ -180,7 +193,8 @@ class BiC:
         if teacher is None or n_old == 0:
             return ce
         with torch.no_grad():
-            old = self._teacher_logits(teacher, x, batch.t)[:, units[:n_old]]
+            # the old model with its corrections: the same list, as none was added since
+            old = self.corrected(teacher(x, batch.t))[:, units[:n_old]]
         lam = n_old / len(units)
         return (
             lam * soft_cross_entropy(out[:, units[:n_old]], old, self.temperature) + (1 - lam) * ce
@@ -189,16 +203,15 @@ class BiC:
     # ---------------------------------------------------------------- stage 2
     def post_update(self, state: RunState, exp: Experience) -> None:
         new = [c for c in exp.classes if c not in set(self.old_classes)]
-        self.alpha, self.beta, self.corrected = torch.ones(()), torch.zeros(()), []
         val = self._validation
         if self.old_classes and new and val is not None and len(val):
             units = torch.tensor(self.old_classes + new, device=state.device)
-            logits = self._logits(state, val)[:, units]
+            logits = self.corrected(self._logits(state, val))[:, units]
             pos = torch.full((state.benchmark.n_classes,), -1, device=state.device)
             pos[units] = torch.arange(len(units), device=state.device)
             new_cols = torch.arange(len(self.old_classes), len(units), device=state.device)
             gen = torch.Generator().manual_seed(self.seed * 100_003 + exp.index + 50_000)
-            self.alpha, self.beta = fit_bias(
+            alpha, beta = fit_bias(
                 logits,
                 pos[val.y],
                 new_cols,
@@ -211,16 +224,11 @@ class BiC:
                 self.bias_batch_size,
                 gen,
             )
-            self.corrected = list(new)
+            self.corrections.append({"alpha": alpha.cpu(), "beta": beta.cpu(), "classes": new})
         self.old_classes = self.old_classes + new
         self._validation = None
         offer(self.buffer, state, exp)
         self.teacher, self._saved_teacher = frozen_copy(state.model), None
-        self.teacher_bias = {
-            "alpha": self.alpha.clone(),
-            "beta": self.beta.clone(),
-            "classes": list(self.corrected),
-        }
 
     @torch.no_grad()
     def _logits(self, state: RunState, samples: Experience, batch_size: int = 256) -> Tensor:
@@ -235,16 +243,16 @@ class BiC:
         return torch.cat(out)
 
     # ---------------------------------------------------------------- evaluation
-    def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
-        out = state.model(x, t)
-        new = torch.tensor(self.corrected, dtype=torch.long, device=out.device)
-        return correct_logits(out, self.alpha.to(out.device), self.beta.to(out.device), new)
+    def corrected(self, out: Tensor) -> Tensor:
+        """``out`` with every past experience's (α, β) applied to that experience's classes
+        (disjoint sets, so the order does not matter)."""
+        for c in self.corrections:
+            new = torch.tensor(c["classes"], dtype=torch.long, device=out.device)
+            out = correct_logits(out, c["alpha"].to(out.device), c["beta"].to(out.device), new)
+        return out
 
-    def _teacher_logits(self, teacher: nn.Module, x: Tensor, t: Tensor) -> Tensor:
-        out = teacher(x, t)
-        b = self.teacher_bias
-        new = torch.tensor(b["classes"], dtype=torch.long, device=out.device)
-        return correct_logits(out, b["alpha"].to(out.device), b["beta"].to(out.device), new)
+    def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
+        return self.corrected(state.model(x, t))
 
     def _teacher(self, state: RunState) -> nn.Module | None:
         if self._saved_teacher is not None:
@@ -256,17 +264,11 @@ class BiC:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
         return {
             "old_classes": list(self.old_classes),
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "corrected": list(self.corrected),
+            "corrections": [dict(c, classes=list(c["classes"])) for c in self.corrections],
             "teacher": teacher,
-            "teacher_bias": self.teacher_bias,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
-        self.alpha, self.beta = state["alpha"], state["beta"]
-        self.corrected = list(state["corrected"])
+        self.corrections = [dict(c, classes=list(c["classes"])) for c in state["corrections"]]
         self.teacher, self._saved_teacher = None, state["teacher"]
-        self.teacher_bias = dict(state["teacher_bias"])
-        self.teacher_bias["classes"] = list(self.teacher_bias["classes"])

@@ -1,33 +1,40 @@
 """WA: knowledge distillation + weight aligning (Zhao, Xiao, Gan, Zhang & Xia, "Maintaining
 Discrimination and Fairness in Class Incremental Learning", CVPR 2020).
 
-Memory: the run's ``buffer`` (the paper: 2000 exemplars chosen by herding, iCaRL's; choose
+The paper's text could not be opened on this machine (only its abstract: KD keeps old classes
+discriminated, then weight aligning corrects the biased FC weights after normal training, with
+no extra parameters or validation set), so no equation of it is cited here. The training loss
+and T follow PyCIL (G-U-N/PyCIL at 87cc411, models/wa.py, where commit 716625e "add kd_lambda"
+replaced CE + 2·KD by the λ weighting below) and agree with an independent FACIL-based
+re-implementation (Tsebeb/cvww_cir_horde, src/approach/wa.py); weight aligning follows PyCIL's
+``IncrementalNet.weight_align`` (utils/inc_net.py). Weight clipping is not in PyCIL; it is an
+option (``--clip-head-weights``) of that FACIL-based re-implementation, and another
+re-implementation lists it as a part of the paper it has not implemented yet
+(runhang/Incremental-Learning-with-Weight-Aligning, README). That it is the paper's is therefore
+unverified; it is on by default and ``clip_weights=false`` gives PyCIL's behaviour.
+
+Memory: the run's ``buffer`` (2000 herding exemplars in PyCIL's exps/wa.json; choose
 ``buffer=herding buffer.max_size=2000``). When each hook runs and what it changes:
 
 - ``train_data``: the experience's samples together with every exemplar in the buffer (PyCIL's
   ``appendent=self._get_memory()``), the classes seen so far noted (old, then new).
 - ``loss`` (replaces the runner's cross-entropy): (1 − λ) · CE + λ · KD with
-  λ = n_old / (n_old + n_new), the numbers of old and new classes (the paper's weighting, which
-  it takes from BiC). CE is the softmax cross-entropy over the units of the classes seen so far;
-  KD = −Σ_k softmax(ô/T)_k log softmax(o/T)_k over the old classes' units, ô the logits of the
-  model as it was after the previous experience (after its weights were aligned), T =
-  ``temperature`` (2). In the first experience: CE alone.
-- ``after_step``: weight clipping: the head's weight vectors are clipped to be non-negative after
-  every optimiser step (the paper: the features after the last ReLU are non-negative, so
-  non-negative weights make the weight norms a fair measure of the logits' scale); the biases are
-  not clipped. ``clip_weights=false`` turns it off.
+  λ = n_old / (n_old + n_new) (PyCIL's ``kd_lambda = known_classes / total_classes``). CE is the
+  softmax cross-entropy over the units of the classes seen so far; KD = −Σ_k softmax(ô/T)_k
+  log softmax(o/T)_k over the old classes' units, averaged over samples, no T² factor (PyCIL's
+  ``_KD_loss``), ô the logits of the model as it was after the previous experience (after its
+  weights were aligned), T = ``temperature`` (2, PyCIL). In the first experience: CE alone.
+- ``after_step``: weight clipping (``clip_weights``): the head's weight vectors are clamped to
+  be non-negative after every optimiser step; the biases are not clipped.
 - ``post_update``: weight aligning, from the second experience on: the head's weight vectors of
   the new classes are multiplied by γ = mean_old ‖w‖ / mean_new ‖w‖, so that the mean norm of the
   new classes' vectors equals that of the old ones' (biases untouched, as PyCIL's
-  ``IncrementalNet.weight_align`` in utils/inc_net.py); then the experience is offered to the
-  buffer (herding on the aligned model's backbone features) and a frozen copy of the model
-  becomes the next experience's teacher (PyCIL's ``after_task``).
+  ``weight_align``); then the experience is offered to the buffer (herding on the aligned
+  model's backbone features) and a frozen copy of the model becomes the next experience's
+  teacher (PyCIL's ``after_task``).
 
-Where the paper is silent we follow PyCIL (G-U-N/PyCIL, models/wa.py): the distillation is the
-soft cross-entropy averaged over samples (no T² factor). PyCIL's wa.py weights the terms CE +
-2·KD instead of the paper's λ and does not clip; we keep the paper's. Class-incremental only, one
-head over all classes (``single`` or ``incremental``). State: the teacher's weights, the old
-classes.
+Class-incremental only, one head over all classes (``single`` or ``incremental``). State: the
+teacher's weights, the old classes.
 """
 
 from __future__ import annotations
