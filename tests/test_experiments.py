@@ -61,7 +61,10 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "prabhu2020",
         "vandeven2018",
         "vandeven2022",
+        "wang2022",
+        "wu2019",
         "zhang2023",
+        "zhao2020",
         "zhou2024aper",
         "zhou2024ease",
     }

@@ -23,6 +23,7 @@ the part of a grown parameter that existed before (for penalties on old weights)
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
 
@@ -31,6 +32,11 @@ from torch import Tensor, nn
 
 from clrun.benchmarks import Experience
 from clrun.checks import one_of, require
+
+# Backbones a strategy replaces by a grown module while it trains: the module's extra state says
+# ``{"grown": kind}``, and GROWN[kind] names the function that grows a freshly built CLModel the
+# same way (weights follow), so that a checkpoint taken mid-experience loads into it.
+GROWN = {"foster": "clrun.strategies.foster:grow_like_checkpoint"}
 
 MASKED = -1e4  # logit of a unit a head does not have; finite so KL/CE stay finite
 HEADS = ("single", "incremental", "multi")
@@ -188,10 +194,17 @@ class CLModel(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
-        # are re-attached from their saved description before their weights load.
+        # are re-attached from their saved description before their weights load; a backbone a
+        # strategy grew (GROWN) is grown again in the same way.
         from clrun.models import peft
 
         peft.restore(self, state_dict, prefix)
+        extra = state_dict.get(prefix + "backbone._extra_state")
+        kind = extra.get("grown") if isinstance(extra, dict) else None
+        if kind in GROWN and getattr(self.backbone, "grown", None) != kind:
+            module, name = GROWN[kind].split(":")
+            with torch.random.fork_rng(devices=[]):  # its initial values are overwritten
+                getattr(importlib.import_module(module), name)(self)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_heads(self, x: Tensor) -> Tensor:

@@ -9,12 +9,14 @@ components too.
 from clrun.strategies.agem import AGEM
 from clrun.strategies.amnesiac import Amnesiac
 from clrun.strategies.aper import APER
+from clrun.strategies.bic import BiC
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
 from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
 from clrun.strategies.fecam import FeCAM
+from clrun.strategies.foster import FOSTER
 from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
@@ -27,6 +29,7 @@ from clrun.strategies.rwalk import RWalk
 from clrun.strategies.si import SI
 from clrun.strategies.simplecil import SimpleCIL
 from clrun.strategies.slca import SLCA
+from clrun.strategies.wa import WA
 from clrun.strategies.xder import XDER
 
 __all__ = [
@@ -36,12 +39,15 @@ __all__ = [
     "EASE",
     "ERACE",
     "EWC",
+    "FOSTER",
     "GEM",
     "MAS",
     "SI",
     "SLCA",
+    "WA",
     "XDER",
     "Amnesiac",
+    "BiC",
     "Cumulative",
     "FeCAM",
     "FreezeBackbone",

@@ -53,8 +53,11 @@ __all__ = [
     "old_part",
     "piece",
     "quadratic",
+    "require_class_il",
+    "soft_cross_entropy",
     "strong_augment",
     "sum_per_sample_grads",
+    "with_memory",
     "write_grad",
 ]
 
@@ -414,3 +417,46 @@ def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
     k = lambda m: (m + h * 6) % 6  # noqa: E731
     f = lambda m: v - v * s * torch.clamp(torch.minimum(k(m), 4 - k(m)), 0, 1)  # noqa: E731
     return torch.stack([f(5), f(3), f(1)], 1)
+
+
+# ------------------------------------------------------------------ exemplar-memory class-IL
+# BiC, WA and FOSTER train on the experience together with every exemplar of the run's buffer
+# (PyCIL's ``appendent=self._get_memory()``) and distil the old model with a soft cross-entropy.
+
+
+def require_class_il(method: str, state: RunState) -> None:
+    """A one-line ConfigError unless the run is class-incremental, offline, with a single or
+    incremental head (the methods that rebalance old and new classes' logits)."""
+    from clrun.errors import ConfigError
+    from clrun.models import MultiHeadClassifier
+
+    scenario = state.benchmark.scenario
+    if scenario != "class":
+        raise ConfigError(
+            f"{method} is class-incremental only: benchmark.scenario={scenario} is not "
+            "supported; use benchmark.scenario=class"
+        )
+    if getattr(state.benchmark, "train_origin", None) is not None:
+        raise ConfigError(
+            f"{method} trains on whole experiences with their exemplars: benchmark.online=true is "
+            "not supported"
+        )
+    if isinstance(getattr(state.model, "head", None), MultiHeadClassifier):
+        raise ConfigError(
+            f"{method} needs one head over all classes: model.head=multi is not supported; use "
+            "model.head=incremental or single"
+        )
+
+
+def with_memory(buffer: Buffer, exp: Experience) -> Experience:
+    """The experience's samples followed by every sample of ``buffer`` (none while it is empty)."""
+    from clrun.benchmarks import concat
+
+    return concat([exp, buffer.samples()], exp.index) if len(buffer) else exp
+
+
+def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """−Σ_k softmax(teacher/T)_k · log softmax(student/T)_k, averaged over the samples: the
+    distillation loss of BiC, WA and FOSTER (PyCIL's ``_KD_loss``; no T² factor)."""
+    target = F.softmax(teacher.float() / temperature, dim=1)
+    return -(target * F.log_softmax(student.float() / temperature, dim=1)).sum(1).mean()
