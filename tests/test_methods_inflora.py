@@ -197,30 +197,38 @@ def test_subspace_after_two_experiences_is_the_dualgpm_construction():
         assert torch.allclose(basis @ basis.T, method.bases[i] @ method.bases[i].T, atol=1e-8)
 
 
-def test_old_branches_head_units_and_the_vit_stay_as_they_were(run_debug, tmp_path):
+def test_old_branches_head_units_and_the_vit_stay_as_they_were(run_debug):
     """End to end: inflora0 (B and A), the units of experience 0's classes and every weight of
     the pre-trained ViT after the last experience are bit for bit what they were."""
-    import clrun
+    from clrun import checkpoint
 
     summary, run_dir = run_debug(*strategy_args("inflora"), "checkpoint.keep=every_experience")
     assert summary["status"] == "completed"
-    first = clrun.load_run(run_dir, experience=0).model
-    last = clrun.load_run(run_dir).model
-    assert len(peft.attachments(last)) == len(summary["params_per_experience"])
-    assert snapshot(first, "peft.inflora0.").keys() == {"peft.inflora0.down", "peft.inflora0.up"}
-    for key, value in snapshot(first, "peft.inflora0.").items():
-        assert torch.equal(last.state_dict()[key], value), key
-    n0 = len(first.head.units.classes)
-    units = last.head.units
-    assert torch.equal(units.classes[:n0], first.head.units.classes)
-    assert torch.equal(units.linear.weight[:n0], first.head.units.linear.weight)
-    assert torch.equal(units.linear.bias[:n0], first.head.units.linear.bias)
+
+    def load(path):
+        return torch.load(path, weights_only=True)["model"]
+
+    first = load(checkpoint.model_file(run_dir, 0))
+    last = load(run_dir / checkpoint.FILE)
+    n = len(summary["params_per_experience"])
+    assert {k.split(".")[1] for k in last if k.startswith("peft.")} == {
+        f"inflora{i}" for i in range(n)
+    }
+    branch = {k for k in first if k.startswith("peft.inflora0.") and "extra" not in k}
+    assert branch == {"peft.inflora0.down", "peft.inflora0.up"}
+    assert first["peft.inflora0.up"].abs().sum() > 0  # it trained
+    for key in branch:
+        assert torch.equal(last[key], first[key]), key
+    n0 = len(first["head.units.classes"])
+    assert torch.equal(last["head.units.classes"][:n0], first["head.units.classes"])
+    for key in ("head.units.linear.weight", "head.units.linear.bias"):
+        assert torch.equal(last[key][:n0], first[key]), key
     # the ViT as the run built it (same seed): unchanged
     cfg = make_cfg("debug=default", *strategy_args("inflora"))
     torch.manual_seed(cfg.seed)
     built = build_model(cfg, build(cfg.benchmark, "benchmark"), torch.device("cpu"))
     vit = snapshot(built, "backbone.net.")
-    assert vit and all(torch.equal(last.state_dict()[k], v) for k, v in vit.items())
+    assert vit and all(torch.equal(last[k], v) for k, v in vit.items())
 
 
 def test_resumed_run_equals_uninterrupted(run_debug, tmp_path):
@@ -267,3 +275,15 @@ def test_loss_is_cross_entropy_over_the_experience_classes():
     pos = torch.tensor([exp.classes.index(c) for c in y.tolist()])
     expected = F.cross_entropy(out[:, exp.classes], pos)
     assert torch.allclose(method.loss(state, SimpleNamespace(y=y), None, out), expected)
+
+
+def test_coda_cosine_is_the_authors_schedule():
+    from clrun.schedules import CodaCosine
+
+    s = CodaCosine(epochs=20)
+    assert s.lr(0.0005, 0) == 0.0005
+    assert s.lr(0.0005, 19) == pytest.approx(0.0005 * math.cos(0.495 * math.pi))  # ≈ 0.0157 lr
+    assert s.lr(1.0, 10) == pytest.approx(math.cos(99 * math.pi * 10 / (200 * 19)))
+    assert CodaCosine(epochs=1).lr(0.1, 0) == 0.1
+    cfg = make_cfg("strategy=inflora", "lr_schedule=coda_cosine", "strategy.epochs=7")
+    assert cfg.lr_schedule.epochs == 7  # follows the strategy's epochs
