@@ -139,8 +139,10 @@ class InfLoRA:
                 "supported; use benchmark.scenario=class or task"
             )
         if getattr(state.benchmark, "train_origin", None) is not None:
-            raise ConfigError("InfLoRA designs its subspace on whole experiences: "
-                              "benchmark.online=true is not supported")
+            raise ConfigError(
+                "InfLoRA designs its subspace on whole experiences: "
+                "benchmark.online=true is not supported"
+            )
         peft.find_vit(state.model, "InfLoRA")
         self._classes = torch.tensor(exp.classes, device=state.device)
         return exp
