@@ -287,3 +287,19 @@ def test_coda_cosine_is_the_authors_schedule():
     assert CodaCosine(epochs=1).lr(0.1, 0) == 0.1
     cfg = make_cfg("strategy=inflora", "lr_schedule=coda_cosine", "strategy.epochs=7")
     assert cfg.lr_schedule.epochs == 7  # follows the strategy's epochs
+
+
+@pytest.mark.parametrize(
+    ("preset", "epochs", "threshold"), [("cifar_inflora", 20, 0.95), ("inr_inflora", 50, 0.98)]
+)
+def test_liang2024_presets_carry_the_authors_settings(preset, epochs, threshold):
+    cfg = make_cfg(f"experiment=liang2024/{preset}")
+    assert cfg.strategy.components.inflora._target_ == "clrun.strategies.InfLoRA"
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 0.0005
+    assert cfg.optimizer.weight_decay == 0 and cfg.strategy.batch_size == 128
+    assert cfg.lr_schedule._target_ == "clrun.schedules.CodaCosine"
+    assert cfg.lr_schedule.epochs == cfg.strategy.epochs == epochs
+    assert cfg.strategy.rank == 10 and cfg.strategy.threshold_first == threshold
+    assert cfg.strategy.threshold_last == 1.0 and cfg.benchmark.n_experiences == 10
+    order = cfg.benchmark.class_order
+    assert order == "sorted" if preset.startswith("inr") else list(order) == list(range(100))
