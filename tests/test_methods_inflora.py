@@ -1,6 +1,7 @@
 """InfLoRA (clrun.strategies.InfLoRA) and the ``lora`` kind (clrun.models.lora): the
 construction of the subspace by hand on toys, the orthogonality of a new branch to the stored
-subspace, old branches and frozen weights untouched, resume, refusals."""
+subspace, old branches and frozen weights untouched, restoring on a fresh model, refusals
+(SIGKILL-and-resume: tests/test_resume.py runs every strategy, this one included)."""
 
 import math
 from types import SimpleNamespace
@@ -229,12 +230,6 @@ def test_old_branches_head_units_and_the_vit_stay_as_they_were(run_debug):
     built = build_model(cfg, build(cfg.benchmark, "benchmark"), torch.device("cpu"))
     vit = snapshot(built, "backbone.net.")
     assert vit and all(torch.equal(last[k], v) for k, v in vit.items())
-
-
-def test_resumed_run_equals_uninterrupted(run_debug, tmp_path):
-    from test_resume import _kill_anywhere_then_resume
-
-    _kill_anywhere_then_resume(run_debug, tmp_path, *strategy_args("inflora"))
 
 
 def test_state_round_trips_and_restores_the_branches_on_a_fresh_model():
