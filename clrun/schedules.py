@@ -80,3 +80,18 @@ class StepDecay(Schedule):
 
     def lr(self, base_lr: float, epoch: int) -> float:
         return base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+class CodaCosine(Schedule):
+    """The cosine of CODA-Prompt's code (``utils/schedulers.py`` ``CosineSchedule``), which
+    InfLoRA's code keeps: the rate at the start of epoch e of an experience of K = ``epochs``
+    epochs is lr · cos(99π e / (200 (K − 1))), from lr at the first epoch to lr · cos(0.495π)
+    ≈ 0.016 lr at the last (epochs past K − 1 continue the cosine)."""
+
+    def __init__(self, epochs: int = 20):
+        self.epochs = _count("epochs", epochs, 1)
+
+    def lr(self, base_lr: float, epoch: int) -> float:
+        if self.epochs == 1:
+            return base_lr
+        return base_lr * math.cos(99 * math.pi * epoch / (200 * (self.epochs - 1)))

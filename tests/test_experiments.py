@@ -57,6 +57,7 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "buzzega2020",
         "chaudhry2019",
         "goswami2023",
+        "liang2024",
         "mcdonnell2023",
         "prabhu2020",
         "vandeven2018",

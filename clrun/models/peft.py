@@ -23,7 +23,9 @@ Kinds (``KINDS``; the defaults are LAMDA-PILOT's, the reference code of APER and
 - ``vpt_shallow`` / ``vpt_deep``: ``tokens`` (5) learnable prompt tokens appended after the
   patch tokens before the first block and removed after the last (shallow), or a fresh set
   before every block, removed after it (deep); initialised to zero as in PILOT;
-- ``finetune``: no module; the whole ViT trains (its extra state remembers whether it trains).
+- ``finetune``: no module; the whole ViT trains (its extra state remembers whether it trains);
+- ``lora``: low-rank updates of the attention's q/k/v projections (:mod:`clrun.models.lora`;
+  InfLoRA's branches).
 
 Every kind but ``finetune`` freezes the ViT's own weights when attached (the papers keep the
 pre-trained weights fixed) and makes its own modules trainable. An attachment whose ``active``
@@ -254,6 +256,10 @@ KINDS: dict[str, type[Attachment]] = {
     "vpt_deep": VPTDeep,
     "finetune": Finetune,
 }
+
+from clrun.models.lora import LoRA  # noqa: E402 - lora.py subclasses Attachment (above)
+
+KINDS["lora"] = LoRA
 
 
 def check_options(kind: str, options: dict) -> None:

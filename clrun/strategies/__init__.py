@@ -21,6 +21,7 @@ from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
 from clrun.strategies.icarl import ICaRL
+from clrun.strategies.inflora import InfLoRA
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
 from clrun.strategies.ranpac import RanPAC
@@ -53,6 +54,7 @@ __all__ = [
     "FreezeBackbone",
     "GDumb",
     "ICaRL",
+    "InfLoRA",
     "Joint",
     "LwF",
     "RWalk",
