@@ -184,14 +184,18 @@ class CLModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        if getattr(self.backbone, "task_conditioned", False):  # PNN columns, HAT gates
+            return self.head(self.backbone(x, t), t)
         return self.head(self.backbone(x), t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
-        # are re-attached from their saved description before their weights load.
-        from clrun.models import peft
+        # are re-attached from their saved description before their weights load; a
+        # task-conditioned backbone a strategy put in place (clrun.models.task_nets) likewise.
+        from clrun.models import peft, task_nets
 
         peft.restore(self, state_dict, prefix)
+        task_nets.restore(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_heads(self, x: Tensor) -> Tensor:

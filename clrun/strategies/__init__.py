@@ -18,9 +18,12 @@ from clrun.strategies.fecam import FeCAM
 from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
+from clrun.strategies.hat import HAT
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.packnet import PackNet
+from clrun.strategies.pnn import PNN
 from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
@@ -37,7 +40,9 @@ __all__ = [
     "ERACE",
     "EWC",
     "GEM",
+    "HAT",
     "MAS",
+    "PNN",
     "SI",
     "SLCA",
     "XDER",
@@ -49,6 +54,7 @@ __all__ = [
     "ICaRL",
     "Joint",
     "LwF",
+    "PackNet",
     "RWalk",
     "RanPAC",
     "Replay",

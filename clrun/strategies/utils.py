@@ -46,6 +46,7 @@ __all__ = [
     "buffer_features",
     "flat_grad",
     "frozen_copy",
+    "freeze_other_heads",
     "frozen_features",
     "model_input",
     "nearest_mean_logits",
@@ -53,6 +54,7 @@ __all__ = [
     "old_part",
     "piece",
     "quadratic",
+    "require_task_il",
     "strong_augment",
     "sum_per_sample_grads",
     "write_grad",
@@ -414,3 +416,30 @@ def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
     k = lambda m: (m + h * 6) % 6  # noqa: E731
     f = lambda m: v - v * s * torch.clamp(torch.minimum(k(m), 4 - k(m)), 0, 1)  # noqa: E731
     return torch.stack([f(5), f(3), f(1)], 1)
+
+
+# ------------------------------------------------------------------ task-incremental only methods
+
+
+def require_task_il(state: RunState, method: str) -> None:
+    """A one-line ConfigError unless the run is task-incremental with a multi-head model (the
+    architecture methods keep one column, mask or gate set per task label)."""
+    from clrun.errors import ConfigError
+    from clrun.models import MultiHeadClassifier
+
+    scenario = state.benchmark.scenario
+    if scenario != "task" or not isinstance(getattr(state.model, "head", None), MultiHeadClassifier):
+        what = f"benchmark.scenario={scenario}" if scenario != "task" else "a single head"
+        raise ConfigError(
+            f"{method} is task-incremental only: {what} is not supported; use "
+            "benchmark.scenario=task model.head=multi"
+        )
+
+
+def freeze_other_heads(model: nn.Module, tasks: Iterable[int]) -> None:
+    """Heads of a multi-head model for task labels not in ``tasks`` get no gradients (with a
+    stateful optimiser, an old head's zero gradient would still move it: momentum, Adam)."""
+    head = model.head
+    keep = {int(head.task_to_head[t]) for t in tasks if t < len(head.task_to_head)}
+    for i, h in enumerate(head.heads):
+        h.requires_grad_(i in keep)
