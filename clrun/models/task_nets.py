@@ -297,4 +297,3 @@ def restore(model: nn.Module, state_dict: dict, prefix: str) -> None:
         return
     options = {"s_max": extra["s_max"]} if cls is HATGates else {}
     model.backbone = cls(model.backbone, **options)
-

@@ -428,7 +428,9 @@ def require_task_il(state: RunState, method: str) -> None:
     from clrun.models import MultiHeadClassifier
 
     scenario = state.benchmark.scenario
-    if scenario != "task" or not isinstance(getattr(state.model, "head", None), MultiHeadClassifier):
+    if scenario != "task" or not isinstance(
+        getattr(state.model, "head", None), MultiHeadClassifier
+    ):
         what = f"benchmark.scenario={scenario}" if scenario != "task" else "a single head"
         raise ConfigError(
             f"{method} is task-incremental only: {what} is not supported; use "
