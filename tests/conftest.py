@@ -47,6 +47,9 @@ STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
     # two-block ViT the new units do not outgrow the old ones in class-IL (some R[i][i] = 0); at
     # lr 0.02 they do.
     "inflora": ("optimizer.lr=0.02",),
+    "pnn": TASK_IL,
+    "packnet": TASK_IL,
+    "hat": TASK_IL,
 }
 
 

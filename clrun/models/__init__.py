@@ -19,6 +19,10 @@ What lives where:
   nowhere, the hub, a file or a clrun run; it reports its input size and normalisation
   (``model.input_spec``), which the runner makes every benchmark fit.
 
+- ``task_nets.py``: task-conditioned backbones that task-incremental strategies put in place of
+  a plain ``mlp`` / ``cnn`` one (PNN's :class:`ProgressiveColumns`, HAT's :class:`HATGates`);
+  ``CLModel`` passes them the task labels and rebuilds them when a checkpoint holds one.
+
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
 ``peft.py``.
 """
@@ -49,6 +53,7 @@ from clrun.models.heads import (
     old_part,
     with_head,
 )
+from clrun.models.task_nets import HATGates, ProgressiveColumns
 from clrun.models.timm import TimmBackbone, timm_model
 
 __all__ = [
@@ -58,8 +63,10 @@ __all__ = [
     "MOBILENET_V1",
     "BasicBlock",
     "CLModel",
+    "HATGates",
     "IncrementalClassifier",
     "MultiHeadClassifier",
+    "ProgressiveColumns",
     "ResNet",
     "SingleHead",
     "TimmBackbone",

@@ -190,15 +190,19 @@ class CLModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        if getattr(self.backbone, "task_conditioned", False):  # PNN columns, HAT gates
+            return self.head(self.backbone(x, t), t)
         return self.head(self.backbone(x), t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
-        # are re-attached from their saved description before their weights load; a backbone a
-        # strategy grew (GROWN) is grown again in the same way.
-        from clrun.models import peft
+        # are re-attached from their saved description before their weights load; a
+        # task-conditioned backbone a strategy put in place (clrun.models.task_nets) likewise,
+        # and a backbone a strategy grew (GROWN) is grown again in the same way.
+        from clrun.models import peft, task_nets
 
         peft.restore(self, state_dict, prefix)
+        task_nets.restore(self, state_dict, prefix)
         extra = state_dict.get(prefix + "backbone._extra_state")
         kind = extra.get("grown") if isinstance(extra, dict) else None
         if kind in GROWN and getattr(self.backbone, "grown", None) != kind:

@@ -20,10 +20,13 @@ from clrun.strategies.foster import FOSTER
 from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
+from clrun.strategies.hat import HAT
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.inflora import InfLoRA
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.packnet import PackNet
+from clrun.strategies.pnn import PNN
 from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
@@ -42,7 +45,9 @@ __all__ = [
     "EWC",
     "FOSTER",
     "GEM",
+    "HAT",
     "MAS",
+    "PNN",
     "SI",
     "SLCA",
     "WA",
@@ -57,6 +62,7 @@ __all__ = [
     "InfLoRA",
     "Joint",
     "LwF",
+    "PackNet",
     "RWalk",
     "RanPAC",
     "Replay",

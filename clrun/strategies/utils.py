@@ -46,6 +46,7 @@ __all__ = [
     "buffer_features",
     "flat_grad",
     "frozen_copy",
+    "freeze_other_heads",
     "frozen_features",
     "model_input",
     "nearest_mean_logits",
@@ -54,6 +55,7 @@ __all__ = [
     "piece",
     "quadratic",
     "require_class_il",
+    "require_task_il",
     "soft_cross_entropy",
     "strong_augment",
     "sum_per_sample_grads",
@@ -460,3 +462,32 @@ def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float) -> 
     distillation loss of BiC, WA and FOSTER (PyCIL's ``_KD_loss``; no T² factor)."""
     target = F.softmax(teacher.float() / temperature, dim=1)
     return -(target * F.log_softmax(student.float() / temperature, dim=1)).sum(1).mean()
+
+
+# ------------------------------------------------------------------ task-incremental only methods
+
+
+def require_task_il(state: RunState, method: str) -> None:
+    """A one-line ConfigError unless the run is task-incremental with a multi-head model (the
+    architecture methods keep one column, mask or gate set per task label)."""
+    from clrun.errors import ConfigError
+    from clrun.models import MultiHeadClassifier
+
+    scenario = state.benchmark.scenario
+    if scenario != "task" or not isinstance(
+        getattr(state.model, "head", None), MultiHeadClassifier
+    ):
+        what = f"benchmark.scenario={scenario}" if scenario != "task" else "a single head"
+        raise ConfigError(
+            f"{method} is task-incremental only: {what} is not supported; use "
+            "benchmark.scenario=task model.head=multi"
+        )
+
+
+def freeze_other_heads(model: nn.Module, tasks: Iterable[int]) -> None:
+    """Heads of a multi-head model for task labels not in ``tasks`` get no gradients (with a
+    stateful optimiser, an old head's zero gradient would still move it: momentum, Adam)."""
+    head = model.head
+    keep = {int(head.task_to_head[t]) for t in tasks if t < len(head.task_to_head)}
+    for i, h in enumerate(head.heads):
+        h.requires_grad_(i in keep)
