@@ -218,7 +218,9 @@ def setup(cfg, device: torch.device) -> torch.device:
 def prepare_model(cfg, model: nn.Module, device: torch.device) -> nn.Module:
     """``distributed.sync_batchnorm``: BatchNorm layers become SyncBatchNorm (auto: on GPUs in a
     group); the state dict keeps its keys."""
-    if world_size() == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if world_size() == 1 or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
         return model
     sync = _select(cfg, "distributed.sync_batchnorm", "auto")
     if sync is True and device.type != "cuda":
@@ -330,14 +332,20 @@ def gather_rows(local: Tensor, n: int) -> Tensor:
 
 def sum_sharded(n: int, compute: Callable[[range], dict[str, Tensor]]) -> dict[str, Tensor]:
     """Σ over ``range(n)`` of a per-sample quantity: ``compute(part)`` sums it over ``part``;
-    each process sums its shard and the sums are added up (EWC's Fisher, MAS's importance)."""
+    each process sums its shard and the sums are added up (EWC's Fisher, MAS's importance).
+    Fewer items than processes: every process computes them all (no empty shard)."""
+    if n < world_size():
+        return compute(range(n))
     return sum_over_ranks(compute(shard(n)))
 
 
 def cat_sharded(n: int, compute: Callable[[range], Tensor]) -> Tensor:
     """One row per sample of ``range(n)``: ``compute(part)`` gives the rows of ``part``; each
     process computes its shard and every process gets all rows (features for herding, class
-    means, the frozen-feature cache)."""
+    means, the frozen-feature cache). Fewer rows than processes: every process computes them
+    all."""
+    if n < world_size():
+        return compute(range(n))
     return gather_rows(compute(shard(n)), n)
 
 
@@ -350,7 +358,11 @@ def any_rank(flag: bool) -> bool:
 
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def agree_to_stop(stop) -> bool:
