@@ -155,6 +155,11 @@ def init(backend: str = "auto", env: Mapping[str, str] | None = None) -> World:
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend, rank=world.rank, world_size=world.size)
         clrun_io.set_writer(world.rank == 0)
+        if world.rank != 0:  # rank 0 speaks and keeps run.log (SLURM tasks: Hydra set it up)
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(h)
+            root.setLevel(logging.WARNING)
     return world
 
 
