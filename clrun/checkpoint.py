@@ -187,10 +187,12 @@ def load_for_resume(cfg: DictConfig, run_dir: Path, device: torch.device) -> dic
         source = Path(str(resume)) / FILE
         if not source.exists():
             raise ConfigError(f"resume={resume!r}: no checkpoint at {source}")
-        if source.resolve() != (Path(run_dir) / FILE).resolve():
+        same = source.resolve() == (Path(run_dir) / FILE).resolve()
+        if not same and distributed.rank() == 0:  # in a group, rank 0 copies, the others wait
             (Path(run_dir) / FILE).parent.mkdir(parents=True, exist_ok=True)
             for f in (source, source.with_suffix(".sha256")):
                 shutil.copy2(f, Path(run_dir) / "checkpoint" / f.name)
+        distributed.barrier()
     saved = load(run_dir, device)
     if saved is None and resume is True:
         raise ConfigError(f"resume=true but {Path(run_dir) / FILE} does not exist")

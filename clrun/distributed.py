@@ -354,6 +354,12 @@ def cat_sharded(n: int, compute: Callable[[range], Tensor]) -> Tensor:
     return gather_rows(compute(shard(n)), n)
 
 
+def barrier() -> None:
+    """Wait for every process (alone: nothing)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def any_rank(flag: bool) -> bool:
     if world_size() == 1:
         return flag
@@ -397,8 +403,7 @@ def saved(state: dict) -> None:
         }
         with open(Path(folder) / f"rank{rank()}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-    if world_size() > 1:
-        dist.barrier()
+    barrier()
 
 
 def _digest(value) -> str:
