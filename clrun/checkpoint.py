@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from clrun import distributed
 from clrun.errors import ConfigError, RunFailure
 from clrun.io import RUN_MANAGEMENT_KEYS, flatten, write_atomic
 
@@ -67,6 +68,7 @@ def capture(
         "benchmark": state.benchmark.state_dict(),
         "work": vars(work),
         "model_shape": model_shape(state.benchmark),
+        "world_size": distributed.world_size(),  # another one may resume it (a warning)
     }
 
 
@@ -93,7 +95,9 @@ def restore(
     saved: dict, state, components, recorder, gen: torch.Generator, work, make_optimizer
 ) -> tuple[int, dict | None]:
     """Undo :func:`capture` into the freshly built objects of a run; returns the experience to
-    continue with and the position inside it (None: its start)."""
+    continue with and the position inside it (None: its start). Every process of a distributed
+    run loads the same checkpoint."""
+    distributed.check_resume(saved)
     state.model.load_state_dict(saved["model"])
     state.optimizer = make_optimizer(state.model.parameters())
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -183,10 +187,12 @@ def load_for_resume(cfg: DictConfig, run_dir: Path, device: torch.device) -> dic
         source = Path(str(resume)) / FILE
         if not source.exists():
             raise ConfigError(f"resume={resume!r}: no checkpoint at {source}")
-        if source.resolve() != (Path(run_dir) / FILE).resolve():
+        same = source.resolve() == (Path(run_dir) / FILE).resolve()
+        if not same and distributed.rank() == 0:  # in a group, rank 0 copies, the others wait
             (Path(run_dir) / FILE).parent.mkdir(parents=True, exist_ok=True)
             for f in (source, source.with_suffix(".sha256")):
                 shutil.copy2(f, Path(run_dir) / "checkpoint" / f.name)
+        distributed.barrier()
     saved = load(run_dir, device)
     if saved is None and resume is True:
         raise ConfigError(f"resume=true but {Path(run_dir) / FILE} does not exist")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -133,8 +134,13 @@ def _freeze_startup_objects() -> None:
 
 
 def main() -> None:
-    """Console entry point (``clrun`` and ``python -m clrun``)."""
+    """Console entry point (``clrun`` and ``python -m clrun``). Under torchrun the processes
+    join their group first and agree on rank 0's run directory (:mod:`clrun.distributed`)."""
     argv = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from clrun import distributed
+
+        sys.argv += distributed.command_line_overrides(argv)
     try:
         _main()
     except SystemExit as e:
@@ -144,6 +150,9 @@ def main() -> None:
         if message:
             _fail(message, EXIT_CONFIG_ERROR)
         raise
+    finally:
+        if "clrun.distributed" in sys.modules:  # a distributed run leaves its group
+            sys.modules["clrun.distributed"].shutdown()
 
 
 def _missing_plugin(argv: list[str]) -> str | None:

@@ -32,6 +32,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 
@@ -95,19 +96,23 @@ class FeatureCache:
         model.eval()  # the backbone and its attached modules (their dropout) in eval mode
         bf16 = state.device.type == "cuda" and state.precision == "bf16"
         context = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
-        out = []
-        try:
-            for i in range(0, len(samples), self.batch_size):
-                s = slice(i, i + self.batch_size)
+        if len(samples) == 0:
+            return torch.zeros(0, 0, device=state.device)
+
+        def shard(part: range) -> Tensor:  # each process its shard in a distributed run
+            out = []
+            for i in range(part.start, part.stop, self.batch_size):
+                s = slice(i, min(i + self.batch_size, part.stop))
                 x = state.model_input(samples.x[s], samples.e[s])
                 with context:
                     out.append(backbone(x).flatten(1).float())
+            return torch.cat(out).to(state.device)
+
+        try:
+            return distributed.cat_sharded(len(samples), shard)
         finally:
             for m, training in modes:
                 m.training = training
-        if not out:
-            return torch.zeros(0, 0, device=state.device)
-        return torch.cat(out).to(state.device)
 
     def clear(self) -> None:
         self._cache.clear()

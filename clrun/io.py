@@ -23,12 +23,25 @@ RUN_MANAGEMENT_KEYS = (
     "logger",
     "plots",
     "optimize",
+    "distributed",
 )
+
+
+_writer = True  # False in the processes of a distributed run but rank 0 (clrun.distributed)
+
+
+def set_writer(on: bool) -> None:
+    """Whether this process writes the run's files: in a group of processes only rank 0 does."""
+    global _writer
+    _writer = on
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all; a failure (permissions, a full disk) is an
-    :class:`~clrun.errors.OutputError` naming the file."""
+    :class:`~clrun.errors.OutputError` naming the file. A process that is not the writer of a
+    distributed run writes nothing."""
+    if not _writer:
+        return
     path = Path(path)
     try:
         _write_atomic(path, data)

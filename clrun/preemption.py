@@ -5,7 +5,9 @@ On the first such signal the runner finishes the current training step, writes a
 ``summary.json`` with ``status: interrupted``, and then hands the signal to whoever handled it
 before (submitit's handler requeues the job, which then resumes from the checkpoint); with no
 such handler the run stops with :class:`RunInterrupted` and the CLI exits with status 3.
-A second signal while stopping aborts at once.
+A second signal while stopping aborts at once. In a distributed run the processes agree, at
+each step, whether any of them got a signal (:func:`clrun.distributed.agree_to_stop`): all stop
+after the same step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed: bool | None = None  # a distributed run's decision; None: this process's own
         self.previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
@@ -47,8 +50,10 @@ class StopSignal:
 
     def hand_over(self) -> None:
         """After the checkpoint, if a signal came: let the previous handler act (submitit
-        requeues), else raise. Without a signal, nothing."""
-        if self.signum is None:
+        requeues), else raise. Without a signal (or, distributed, without the agreement to stop
+        that every process makes at the same point), nothing."""
+        stopping = self.requested if self.agreed is None else self.agreed
+        if not stopping:
             return
         previous = self.previous.get(self.signum)
         self.restore()

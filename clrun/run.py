@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clrun import checkpoint, plots, unlearning
+from clrun import checkpoint, distributed, plots, unlearning
 from clrun.api import CallableModule
 from clrun.benchmarks import Experience
 from clrun.components import Components, RunState, adapt
@@ -74,7 +74,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
     with outcome:
         # --- settings: validate everything before building anything ---
         validate(cfg)
-        device = resolve_device(cfg.device)
+        # one process, or one of a group started by torchrun / SLURM (clrun.distributed)
+        device = distributed.setup(cfg, resolve_device(cfg.device))
+        outcome.summary["world_size"] = distributed.world_size()
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         set_deterministic(bool(cfg.get("deterministic")))
@@ -85,6 +87,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         benchmark = build(cfg.benchmark, "benchmark").to(device)
         check_objective(cfg, benchmark)
         model = build_model(cfg, benchmark, device)  # fits the benchmark's input to the model
+        model = distributed.prepare_model(cfg, model, device)  # SyncBatchNorm in a group
         if cfg.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         if cfg.get("compile"):
@@ -119,7 +122,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         recorder = outcome.recorder = Recorder(run_dir, len(benchmark.test_stream), outcome.t0)
         work = Work()  # steps, samples, seconds since the last evaluation
         logger = NoLogger()
-        if cfg.get("logger"):  # the config goes flat: no nested _target_ for Hydra to build
+        # the config goes flat: no nested _target_ for Hydra to build; in a group, rank 0 logs
+        if cfg.get("logger") and distributed.rank() == 0:
             config = flatten(OmegaConf.to_container(cfg, resolve=True))
             logger = Loggers(  # logger=[tensorboard,wandb]: each chosen one
                 build(node, key, run_dir=str(run_dir), run_config=config)
@@ -131,7 +135,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
             saved = checkpoint.capture(
                 cfg, state, components, recorder, gen, work, next_experience, position
             )
-            checkpoint.save(run_dir, saved)
+            checkpoint.save(run_dir, saved)  # in a group, rank 0 writes
+            distributed.saved(saved)  # and the others wait for it
 
         def evaluate_streams() -> tuple[list[dict], list[dict] | None]:
             """The test stream, and the validation stream if the benchmark holds one out."""
@@ -157,7 +162,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
         every_n = OmegaConf.select(cfg, "checkpoint.every_n_steps")
 
         def on_step(where: Callable[[], dict]) -> None:
-            if stop.requested or (every_n and state.step % every_n == 0):
+            # in a group, every process stops after the same step (one all-reduce)
+            if distributed.agree_to_stop(stop) or (every_n and state.step % every_n == 0):
                 save(state.experience, where())
                 stop.hand_over()  # if a signal came
 
@@ -207,6 +213,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                     forget = plan.requests[i]
                     unlearning.handle_request(state, components, recorder, i, forget, evaluate_now)
             save(exp.index + 1)
+            distributed.agree_to_stop(stop)
             stop.hand_over()
 
         # --- the results: summary.json, plots, the closing lines ---
@@ -237,6 +244,9 @@ def train_experience(
     steps_per_epoch = math.ceil(n / bs)
     total = s.iterations or s.epochs * steps_per_epoch
     loss_fn = components.provider("loss") or _cross_entropy
+    # the model on the whole minibatch: alone, the model itself; in a group, DDP on this
+    # process's slice, the logits of the others gathered (clrun.distributed.DataParallel)
+    forward = distributed.DataParallel(state)
     losses = torch.zeros(total, device=device)  # read once, at the end: no per-step host sync
     step, samples = (resume_at["step"], resume_at["samples"]) if resume_at else (0, 0)
     if resume_at:
@@ -263,7 +273,7 @@ def train_experience(
                 batch = hook(state, batch)
             x = state.model_input(batch.x, batch.e, train=True)
             with state.autocast():
-                out = model(x, batch.t)
+                out = forward(x, batch.t)
                 loss = loss_fn(state, batch, x, out)
                 for hook in components["penalty"]:
                     term = hook(state, batch, x, out)
@@ -308,10 +318,11 @@ def evaluate(
     """Accuracy, mean loss and task-IL accuracy on every experience of ``stream`` (default: the
     test stream). A component's ``predict`` replaces the model's logits; its
     ``predict_experience``, if it has one, scores a whole experience at once (from the frozen-
-    feature cache: a frozen backbone's test embeddings are computed once per run). Task-IL accuracy comes
-    from the same logits restricted to the classes of the sample's experience (None where the
+    feature cache: a frozen backbone's test embeddings are computed once per run). Task-IL
+    accuracy comes from the same logits restricted to the classes of the sample's experience (None where the
     benchmark has no task structure): one forward pass, two argmaxes. Counts stay on the device
-    until the end."""
+    until the end. In a group of processes each evaluates its shard of every experience and the
+    counts are summed."""
     model, benchmark = state.model, state.benchmark
     stream = benchmark.test_stream if stream is None else stream
     task_classes = benchmark.task_classes
@@ -329,12 +340,14 @@ def evaluate(
             own = torch.zeros(benchmark.n_classes, dtype=torch.bool, device=state.device)
             own[task_classes[exp.index]] = True
         scores = predict_all(state, exp) if predict_all else None
-        for i in range(0, len(exp), batch_size):
-            y, t = exp.y[i : i + batch_size], exp.t[i : i + batch_size]
+        part = distributed.shard(len(exp))
+        for i in range(part.start, part.stop, batch_size):
+            j = min(i + batch_size, part.stop)
+            y, t = exp.y[i:j], exp.t[i:j]
             if scores is not None:
-                out = scores[i : i + batch_size]
+                out = scores[i:j]
             else:
-                x = state.model_input(exp.x[i : i + batch_size], exp.e[i : i + batch_size])
+                x = state.model_input(exp.x[i:j], exp.e[i:j])
                 with state.autocast():
                     out = predict(state, x, t) if predict else model(x, t)
             correct += (out.argmax(1) == y).sum()
@@ -344,7 +357,7 @@ def evaluate(
                 task_correct += (within.argmax(1) == y).sum()
         sums.append(torch.stack([correct, loss, task_correct]))
     model.train(was_training)
-    values = torch.stack(sums).tolist() if sums else []
+    values = distributed.sum_over_ranks(torch.stack(sums)).tolist() if sums else []
     return [
         {
             "acc": c / len(exp),

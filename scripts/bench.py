@@ -4,6 +4,7 @@
     python scripts/bench.py --workloads 'mnist_*' --repeats 5 --threads 2
     python scripts/bench.py --workloads 'cifar_*' --device cuda --precision bf16 --channels-last \\
         --cifar-per-class 5000,1000                      # GPU samples/s on a full-size stream
+    python scripts/bench.py --workloads cifar_naive_b128 --scaling 2   # 1 → 2 processes (torchrun)
 
 Workloads: Split MNIST, MLP 400-400, Adam (lr 0.001): naive, replay (class-balanced buffer of 500),
 LwF and EWC, at batch 32 and 128 (``mnist_<strategy>_b<batch>``); Split CIFAR-10, reduced
@@ -293,6 +294,53 @@ def table(rows: list[dict], s: Settings, repeats: int, extra: list[str]) -> str:
             f"| {r['clrun_peak_rss_mb']:.0f} / {r['bare_peak_rss_mb']:.0f} "
             f"| {r['clrun_acc']:.4f} / {r['bare_acc']:.4f} | {r['max_acc_diff']:.1g} |"
             + (gpu if s.device == "cuda" else "")
+        )
+    return "\n".join(lines)
+
+
+def scaling(names: list[str], n: int, repeats: int, s: Settings, extra: list[str]) -> str:
+    """The scaling rows (``--scaling N``): clrun alone against ``torchrun --nproc_per_node=N``
+    (one run data-parallel over N processes, the same global minibatch), interleaved. Training
+    samples/s is the run's global throughput (``summary.json``); ``max ΔR`` compares the two
+    accuracy matrices (float rounding differs, see clrun/distributed.py)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    lines = [
+        f"Scaling, device {s.device}, {s.threads} thread(s) per process; 1 epoch per experience; "
+        f"median of {repeats} interleaved runs.",
+        "",
+        f"| workload | training samples/s, 1 process | {n} processes | speedup "
+        f"| whole process 1 / {n} (s) | max ΔR |",
+        "| --- " * 6 + "|",
+    ]
+    for name in names:
+        runs: dict[int, list[dict]] = {1: [], n: []}
+        for _ in range(repeats):
+            for procs in runs:
+                with tempfile.TemporaryDirectory() as tmp:
+                    run_dir = Path(tmp) / "run"
+                    cmd = clrun_command(WORKLOADS[name], s, str(run_dir), extra)
+                    if procs > 1:  # cmd[1:] is "-m clrun ..."
+                        cmd = [*torchrun, f"--nproc_per_node={procs}", *cmd[1:]]
+                    runs[procs].append(clrun_result(run_dir, run_once(cmd)))
+        med = {
+            k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "R"}
+            for k, v in runs.items()
+        }
+        diff = max(
+            abs(a - b)
+            for x, y in zip(runs[1], runs[n], strict=True)
+            for row_x, row_y in zip(x["R"], y["R"], strict=True)
+            for a, b in zip(row_x, row_y, strict=True)
+        )
+        one, many = med[1], med[n]
+        lines.append(
+            f"| {name} | {one['samples_per_s']:.0f} | {many['samples_per_s']:.0f} "
+            f"| {many['samples_per_s'] / one['samples_per_s']:.2f} "
+            f"| {one['wall_s']:.2f} / {many['wall_s']:.2f} | {diff:.1g} |"
+        )
+        print(
+            f"{name}: 1 → {n} processes ×{many['samples_per_s'] / one['samples_per_s']:.2f}",
+            file=sys.stderr,
         )
     return "\n".join(lines)
 
@@ -704,6 +752,12 @@ def main() -> None:
         metavar="TRAIN,TEST",
         help="generated CIFAR-10 images per class (default 200,20; real: 5000,1000)",
     )
+    ap.add_argument(
+        "--scaling",
+        type=int,
+        metavar="N",
+        help="instead: training throughput of 1 process against N (torchrun, data-parallel)",
+    )
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     ap.add_argument("--bare", metavar="WORKLOAD", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -735,6 +789,12 @@ def main() -> None:
             folder = Path(tmp) / "cifar-10-batches-py"
             write_cifar_folder(folder, train_pc, test_pc)
             settings = dataclasses.replace(settings, cifar_folder=str(folder))
+        if a.scaling:
+            md = scaling(names, a.scaling, a.repeats, settings, a.clrun_arg)
+            print(md)
+            if a.out:
+                a.out.write_text(md + "\n")
+            return
         rows = benchmark(names, a.repeats, settings, a.clrun_arg)
         plot_s = plot_cost(rows[0]["R"], a.repeats)
     md = table(rows, settings, a.repeats, a.clrun_arg)

@@ -22,9 +22,12 @@ output does not depend on gets Ω = 0. State: Ω, θ* and the sampling generator
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.checks import int_at_least, number_at_least, optional, probability, require
 from clrun.components import RunState
@@ -97,25 +100,29 @@ class MAS:
         with the model in eval mode; the optimiser's gradients are left as they were."""
         model, k = state.model, self.samples_per_gradient
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        names = list(params)
+
+        def groups(part: range) -> dict[str, Tensor]:  # a distributed run: a shard of groups
+            sums = {n: torch.zeros_like(p) for n, p in params.items()}
+            for i in range(part.start * k, min(part.stop * k, len(exp)), k):
+                idx = torch.arange(i, min(i + k, len(exp)), device=exp.y.device)
+                b = exp.subset(idx)
+                out = model(state.model_input(b.x, b.e), b.t)
+                grads = torch.autograd.grad(
+                    out.pow(2).sum(), [params[n] for n in names], allow_unused=True
+                )
+                for name, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        sums[name] += g.abs()
+            return sums
+
         was_training = model.training
         model.eval()
         try:
             with torch.enable_grad():
-                for i in range(0, len(exp), k):
-                    idx = torch.arange(i, min(i + k, len(exp)), device=exp.y.device)
-                    b = exp.subset(idx)
-                    out = model(state.model_input(b.x, b.e), b.t)
-                    names = list(params)
-                    grads = torch.autograd.grad(
-                        out.pow(2).sum(), [params[n] for n in names], allow_unused=True
-                    )
-                    for name, g in zip(names, grads, strict=True):
-                        if g is not None:
-                            sums[name] += g.abs()
+                return distributed.sum_sharded(math.ceil(len(exp) / k), groups)
         finally:
             model.train(was_training)
-        return sums
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
         if self.reanchor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.errors import ConfigError
@@ -45,18 +46,23 @@ def embed(
 ) -> Tensor:
     """``fn(model input)`` for every sample (eval mode, no gradient, no augmentation, float32),
     in batches: the features class means are taken of (the authors compute them with the test
-    transform)."""
-    model = state.model
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.no_grad(), state.autocast():
-        for i in range(0, len(samples), batch_size):
-            out.append(fn(model_input(state, piece(samples, i, i + batch_size))).float())
-    model.train(was_training)
-    if not out:
+    transform). In a distributed run each process computes its shard and gets all rows."""
+    if len(samples) == 0:
         return torch.zeros(0, 0, device=state.device)
-    return torch.cat(out)
+
+    def shard(part: range) -> Tensor:
+        model = state.model
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.no_grad(), state.autocast():
+            for i in range(part.start, part.stop, batch_size):
+                x = model_input(state, piece(samples, i, min(i + batch_size, part.stop)))
+                out.append(fn(x).float())
+        model.train(was_training)
+        return torch.cat(out)
+
+    return distributed.cat_sharded(len(samples), shard)
 
 
 def class_sums(features: Tensor, y: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.buffers import Buffer, FeatureFn
 from clrun.components import RunState
@@ -184,11 +185,18 @@ def sum_per_sample_grads(
 
 
 def _sums(state: RunState, samples: Experience, step: int, add: Callable, params: dict) -> dict:
-    sums = {k: torch.zeros_like(v) for k, v in params.items()}
-    for i in range(0, len(samples), step):
-        b = samples.subset(torch.arange(i, min(i + step, len(samples)), device=samples.y.device))
-        add(state.model_input(b.x, b.e), b, sums)
-    return sums
+    """In a distributed run each process sums its shard of the samples, then the sums are
+    added up (:func:`clrun.distributed.sum_sharded`)."""
+
+    def compute(part: range) -> dict:
+        sums = {k: torch.zeros_like(v) for k, v in params.items()}
+        for i in range(part.start, part.stop, step):
+            idx = torch.arange(i, min(i + step, part.stop), device=samples.y.device)
+            b = samples.subset(idx)
+            add(state.model_input(b.x, b.e), b, sums)
+        return sums
+
+    return distributed.sum_sharded(len(samples), compute)
 
 
 class _NotFlat(Exception):
@@ -263,19 +271,23 @@ def model_input(state: RunState, samples: Experience, train: bool = False) -> Te
 def backbone_features(state: RunState, batch_size: int = 256) -> FeatureFn:
     """A feature function for buffer selection and nearest-mean classifiers: raw samples →
     L2-normalised features of ``state.model.backbone`` (the penultimate layer; eval mode, no
-    gradient, batched), as iCaRL computes them."""
+    gradient, batched), as iCaRL computes them. In a distributed run each process computes its
+    shard and gets all rows (:func:`clrun.distributed.cat_sharded`)."""
 
-    def features(samples: Experience) -> Tensor:
+    def shard(samples: Experience, part: range) -> Tensor:
         model = state.model
         was_training = model.training
         model.eval()
         out = []
         with torch.no_grad():
-            for i in range(0, len(samples), batch_size):
-                x = model_input(state, piece(samples, i, i + batch_size))
+            for i in range(part.start, part.stop, batch_size):
+                x = model_input(state, piece(samples, i, min(i + batch_size, part.stop)))
                 out.append(F.normalize(model.backbone(x).flatten(1).float(), dim=1))
         model.train(was_training)
         return torch.cat(out)
+
+    def features(samples: Experience) -> Tensor:
+        return distributed.cat_sharded(len(samples), lambda part: shard(samples, part))
 
     return features
 
