@@ -91,13 +91,13 @@ class FeatureCache:
     @torch.inference_mode()
     def _compute(self, state: RunState, backbone: nn.Module, samples: Experience) -> Tensor:
         self.computed += 1
+        if len(samples) == 0:
+            return torch.zeros(0, 0, device=state.device)
         model = state.model
         modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
         model.eval()  # the backbone and its attached modules (their dropout) in eval mode
         bf16 = state.device.type == "cuda" and state.precision == "bf16"
         context = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
-        if len(samples) == 0:
-            return torch.zeros(0, 0, device=state.device)
 
         def shard(part: range) -> Tensor:  # each process its shard in a distributed run
             out = []
