@@ -30,7 +30,7 @@ TIMM_TINY = [
 ]
 # Strategies that need a timm ViT (they refuse other models in one line): the tests that run
 # every strategy run these on TIMM_TINY with half the samples (about 10 s on one CPU thread).
-VIT_STRATEGIES = ("aper", "ease", "slca")
+VIT_STRATEGIES = ("aper", "ease", "slca", "l2p", "dualprompt", "coda_prompt")
 VIT_QUICK = ("benchmark.train_per_class=100", "benchmark.test_per_class=25")
 # task-incremental only methods (architecture methods with one mask or column per task)
 TASK_IL = ("benchmark.scenario=task", "model.head=multi")

@@ -9,8 +9,10 @@ components too.
 from clrun.strategies.agem import AGEM
 from clrun.strategies.amnesiac import Amnesiac
 from clrun.strategies.aper import APER
+from clrun.strategies.coda_prompt import CODAPrompt
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
+from clrun.strategies.dualprompt import DualPrompt
 from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
@@ -19,6 +21,7 @@ from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
 from clrun.strategies.icarl import ICaRL
+from clrun.strategies.l2p import L2P
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
 from clrun.strategies.ranpac import RanPAC
@@ -32,10 +35,12 @@ from clrun.strategies.xder import XDER
 __all__ = [
     "AGEM",
     "APER",
+    "CODAPrompt",
     "DER",
     "EASE",
     "ERACE",
     "EWC",
+    "L2P",
     "GEM",
     "MAS",
     "SI",
@@ -43,6 +48,7 @@ __all__ = [
     "XDER",
     "Amnesiac",
     "Cumulative",
+    "DualPrompt",
     "FeCAM",
     "FreezeBackbone",
     "GDumb",
