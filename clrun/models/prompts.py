@@ -277,21 +277,32 @@ class DualPromptPrefix(PromptAttachment):
         self._prefixes = {i: (k, v) for i, (k, v) in prefixes.items()}
 
 
-def gram_schmidt(rows: Tensor, new: slice, generator: torch.Generator | None = None) -> Tensor:
+def gram_schmidt(rows: Tensor, new: slice) -> Tensor:
     """``rows`` (n, d) with the rows in ``new`` replaced by random Gaussian vectors made
-    orthogonal to every row before them (classical Gram-Schmidt, each new vector's projections
-    onto all earlier rows subtracted) and normalised to unit length: the CODA-P authors'
-    initialisation of a new experience's components."""
+    orthogonal to every row before them and to each other (Gram-Schmidt, twice for numerical
+    safety), unit length: CODA-P's initialisation of a new experience's components. The rows
+    before ``new`` (trained, so no longer orthogonal) are first made an orthonormal basis of
+    their span; the authors' code subtracts the projections onto each of them, which is the same
+    while they are orthogonal (the first experience) and only approximately orthogonal after."""
     out = rows.clone()
-    for k in range(new.start, new.stop):
-        v = torch.randn(rows.shape[1], generator=generator, dtype=rows.dtype)
-        v = v.to(rows.device)
-        u = out[:k]
-        norms = (u * u).sum(1)
-        keep = norms >= 1e-8
-        coef = (u[keep] @ v) / norms[keep]
-        w = v - coef @ u[keep]
-        out[k] = w / w.norm()
+    basis: list[Tensor] = []
+    for k in range(new.stop):
+        v = (
+            out[k]
+            if k < new.start
+            else torch.randn(rows.shape[1], dtype=rows.dtype).to(rows.device)
+        )
+        if k < new.start and v.norm() < 1e-8:
+            continue
+        for _ in range(2):
+            for b in basis:
+                v = v - (v @ b) * b
+        if v.norm() < 1e-6:  # an earlier row in the span of those before it
+            continue
+        v = v / v.norm()
+        basis.append(v)
+        if k >= new.start:
+            out[k] = v
     return out
 
 
@@ -320,6 +331,11 @@ class CODAPrompt(PromptAttachment):
         per = pool // tasks
         if per < 1:
             raise ConfigError(f"coda_prompt: pool={pool} is smaller than the {tasks} experiences")
+        if pool > vit.embed_dim:
+            raise ConfigError(
+                f"coda_prompt: pool={pool} orthogonal components do not fit in {vit.embed_dim} "
+                "dimensions"
+            )
         if length < 2 or length % 2:
             raise ConfigError(f"coda_prompt: length={length} must be even (key half, value half)")
         d, n = vit.embed_dim, len(layers)
