@@ -12,7 +12,7 @@ from conftest import TIMM_TINY, VIT_QUICK, make_cfg
 from clrun.components import RunState
 from clrun.config import ConfigError, build, build_model
 from clrun.models import peft
-from clrun.models.prompts import gram_schmidt, top_n
+from clrun.models.prompts import gram_schmidt, prefix_attention, top_n
 from clrun.strategies import L2P, CODAPrompt, DualPrompt
 
 timm = pytest.importorskip("timm")
@@ -243,3 +243,21 @@ def test_methods_refuse_other_models_and_scenarios_in_one_line(run_debug, strate
 def test_dualprompt_needs_an_e_prompt_per_experience(run_debug):
     with pytest.raises(ConfigError, match=r"strategy.pool=2: DualPrompt needs one E-prompt"):
         run_debug("strategy=dualprompt", *TIMM_TINY, "strategy.pool=2")
+
+
+def test_prefix_attention_is_timm_attention_over_prefixed_keys_and_values():
+    state = tiny_state()
+    attn = state.model.backbone.net.blocks[0].attn.eval()
+    x = torch.randn(3, 7, attn.qkv.in_features)
+    empty = x[:, :0]
+    with torch.no_grad():
+        assert torch.allclose(prefix_attention(attn, x, empty, empty), attn(x), atol=1e-6)
+        # by hand: softmax over [prefix keys; own keys] of the scaled scores, per head
+        pk, pv = torch.randn(3, 2, x.shape[2]), torch.randn(3, 2, x.shape[2])
+        h, hd = attn.num_heads, attn.head_dim
+        q, k, v = attn.qkv(x).reshape(3, 7, 3, h, hd).permute(2, 0, 3, 1, 4)
+        k = torch.cat([pk.reshape(3, 2, h, hd).transpose(1, 2), k], 2)
+        v = torch.cat([pv.reshape(3, 2, h, hd).transpose(1, 2), v], 2)
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        hand = attn.proj((w @ v).transpose(1, 2).reshape(3, 7, h * hd))
+        assert torch.allclose(prefix_attention(attn, x, pk, pv), hand, atol=1e-5)
