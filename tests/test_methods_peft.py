@@ -79,6 +79,13 @@ def test_find_vit_refuses_other_models_in_one_line():
         peft.attach(tiny_state().model, "lora")
 
 
+# options that fit the two-block test ViT (the prompt kinds' default blocks go up to 4)
+TINY_OPTIONS = {
+    "dualprompt": {"g_layers": [0], "e_layers": [1]},
+    "coda_prompt": {"tasks": 2, "layers": [0, 1]},
+}
+
+
 @pytest.mark.parametrize("kind", list(peft.KINDS))
 def test_attach_each_kind(kind):
     """The attachment is a registered submodule that changes the forward pass only while
@@ -89,7 +96,7 @@ def test_attach_each_kind(kind):
     x = torch.randn(4, 3, 16, 16)
     before = model.backbone(x)
     vit_weights = snapshot(model, "backbone.net.")
-    a = peft.attach(model, kind, "p")
+    a = peft.attach(model, kind, "p", **TINY_OPTIONS.get(kind, {}))
     assert peft.attachments(model) == {"p": a} and a.trainable
     vit_trains = [p.requires_grad for p in model.backbone.parameters()]
     assert all(vit_trains) if kind == "finetune" else not any(vit_trains)
