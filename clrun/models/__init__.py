@@ -20,7 +20,8 @@ What lives where:
   (``model.input_spec``), which the runner makes every benchmark fit.
 
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
-``peft.py``.
+``peft.py``; the prompt pools of L2P, DualPrompt and CODA-Prompt in ``prompts.py``, registered
+among peft's kinds.
 """
 
 from clrun.models.backbones import (
