@@ -30,14 +30,15 @@ TIMM_TINY = [
 ]
 # Strategies that need a timm ViT (they refuse other models in one line): the tests that run
 # every strategy run these on TIMM_TINY with half the samples (about 10 s on one CPU thread).
-VIT_STRATEGIES = ("aper", "ease", "inflora", "slca")
+VIT_STRATEGIES = ("aper", "ease", "inflora", "slca", "l2p", "dualprompt", "coda_prompt")
 VIT_QUICK = ("benchmark.train_per_class=100", "benchmark.test_per_class=25")
 # task-incremental only methods (architecture methods with one mask or column per task)
 TASK_IL = ("benchmark.scenario=task", "model.head=multi")
 # What the tests that run every strategy add to ``strategy=<name>``: the scenario a method
 # declares, or lighter settings where the paper's defaults are too heavy for a seconds-long debug
 # run (RanPAC's M = 10,000 random features make an 800 MB Gram matrix and a 10,000 × 10,000
-# solve per experience: about 2 minutes on one CPU thread).
+# solve per experience: about 2 minutes on one CPU thread; DualPrompt's and CODA-P's prompt
+# blocks 0-4 need a ViT of at least 5 blocks).
 STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
     "ranpac": ("strategy.M=1000",),
     # FOSTER's 130 compression epochs per experience take a minute on one thread
@@ -50,7 +51,16 @@ STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
     "pnn": TASK_IL,
     "packnet": TASK_IL,
     "hat": TASK_IL,
+    # the papers' prompt blocks (0-4) do not exist in the two-block test ViT
+    "dualprompt": ("strategy.g_layers=[0]", "strategy.e_layers=[1]"),
+    "coda_prompt": ("strategy.layers=[0,1]",),
 }
+# ViT strategies that train only prompts and a head on the frozen ViT: on the random two-block
+# test ViT a seconds-long run learns little (its random attention carries little of the image
+# into the prompts and the [CLS] token; train loss near chance after 28 steps), so the
+# every-strategy test checks that they run, not that they learn; tests/test_methods_prompts.py
+# checks what they train and what stays frozen.
+PROMPT_STRATEGIES = ("l2p", "dualprompt", "coda_prompt")
 
 
 def strategy_args(strategy: str) -> list[str]:

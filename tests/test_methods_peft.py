@@ -17,6 +17,7 @@ from clrun.features import frozen_features
 from clrun.models import MASKED, peft
 from clrun.schedules import StepDecay
 from clrun.strategies import APER, EASE, SLCA
+from clrun.strategies.aper import ADAPTERS
 from clrun.strategies.ease import complement
 
 timm = pytest.importorskip("timm")
@@ -80,6 +81,13 @@ def test_find_vit_refuses_other_models_in_one_line():
         peft.attach(tiny_state().model, "no_such_kind")
 
 
+# options that fit the two-block test ViT (the prompt kinds' default blocks go up to 4)
+TINY_OPTIONS = {
+    "dualprompt": {"g_layers": [0], "e_layers": [1]},
+    "coda_prompt": {"tasks": 2, "layers": [0, 1]},
+}
+
+
 @pytest.mark.parametrize("kind", list(peft.KINDS))
 def test_attach_each_kind(kind):
     """The attachment is a registered submodule that changes the forward pass only while
@@ -90,7 +98,7 @@ def test_attach_each_kind(kind):
     x = torch.randn(4, 3, 16, 16)
     before = model.backbone(x)
     vit_weights = snapshot(model, "backbone.net.")
-    a = peft.attach(model, kind, "p")
+    a = peft.attach(model, kind, "p", **TINY_OPTIONS.get(kind, {}))
     assert peft.attachments(model) == {"p": a} and a.trainable
     vit_trains = [p.requires_grad for p in model.backbone.parameters()]
     assert all(vit_trains) if kind == "finetune" else not any(vit_trains)
@@ -137,7 +145,7 @@ def test_adapter_and_prompt_shapes_and_defaults():
 # ------------------------------------------------------------------ APER
 
 
-@pytest.mark.parametrize("kind", list(peft.KINDS))
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_aper_adapts_on_the_first_experience_only_and_prototypes_are_class_means(kind):
     state = tiny_state()
     stream = state.benchmark.train_stream

@@ -24,7 +24,8 @@ What lives where:
   ``CLModel`` passes them the task labels and rebuilds them when a checkpoint holds one.
 
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
-``peft.py``.
+``peft.py``; the prompt pools of L2P, DualPrompt and CODA-Prompt in ``prompts.py``, registered
+among peft's kinds.
 """
 
 from clrun.models.backbones import (

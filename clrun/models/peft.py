@@ -26,6 +26,8 @@ Kinds (``KINDS``; the defaults are LAMDA-PILOT's, the reference code of APER and
 - ``finetune``: no module; the whole ViT trains (its extra state remembers whether it trains);
 - ``lora``: low-rank updates of the attention's q/k/v projections (:mod:`clrun.models.lora`;
   InfLoRA's branches).
+- ``l2p`` / ``dualprompt`` / ``coda_prompt``: prompt pools with keys matched by a query pass of
+  the frozen ViT (:mod:`clrun.models.prompts`).
 
 Every kind but ``finetune`` freezes the ViT's own weights when attached (the papers keep the
 pre-trained weights fixed) and makes its own modules trainable. An attachment whose ``active``
@@ -288,6 +290,7 @@ def attach(model: nn.Module, kind: str, name: str | None = None, **options) -> A
     if name in model.peft:
         raise ValueError(f"the model already has an attachment called {name!r}")
     module = KINDS[kind](vit, **options)
+    object.__setattr__(module, "_model", model)  # not a submodule: for passes with others off
     device = next(vit.parameters()).device
     module.to(device).train(model.training)
     if kind != "finetune":
@@ -333,3 +336,9 @@ def restore(model: nn.Module, state_dict: dict, prefix: str) -> None:
             continue
         with torch.random.fork_rng(devices=[]):
             attach(model, extra["kind"], name, **extra["options"])
+
+
+# the prompt kinds (l2p, dualprompt, coda_prompt) live in their own module
+from clrun.models.prompts import KINDS as _PROMPT_KINDS  # noqa: E402
+
+KINDS.update(_PROMPT_KINDS)

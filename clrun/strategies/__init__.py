@@ -10,8 +10,10 @@ from clrun.strategies.agem import AGEM
 from clrun.strategies.amnesiac import Amnesiac
 from clrun.strategies.aper import APER
 from clrun.strategies.bic import BiC
+from clrun.strategies.coda_prompt import CODAPrompt
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
+from clrun.strategies.dualprompt import DualPrompt
 from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
@@ -23,6 +25,7 @@ from clrun.strategies.gem import GEM
 from clrun.strategies.hat import HAT
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.inflora import InfLoRA
+from clrun.strategies.l2p import L2P
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
 from clrun.strategies.packnet import PackNet
@@ -39,11 +42,13 @@ from clrun.strategies.xder import XDER
 __all__ = [
     "AGEM",
     "APER",
+    "CODAPrompt",
     "DER",
     "EASE",
     "ERACE",
     "EWC",
     "FOSTER",
+    "L2P",
     "GEM",
     "HAT",
     "MAS",
@@ -55,6 +60,7 @@ __all__ = [
     "Amnesiac",
     "BiC",
     "Cumulative",
+    "DualPrompt",
     "FeCAM",
     "FreezeBackbone",
     "GDumb",

@@ -1,6 +1,7 @@
-"""Helpers of the pre-trained-model methods (APER, SLCA, EASE): embeddings of raw samples,
-class means, cosine prototype logits, the cross-entropy over one experience's classes, and the
-checks they share (class-incremental, a timm ViT)."""
+"""Helpers of the pre-trained-model methods (APER, SLCA, EASE, L2P, DualPrompt, CODA-P):
+embeddings of raw samples, class means, cosine prototype logits, the cross-entropy over one
+experience's classes, the checks they share (class-incremental, a timm ViT), and the prompt
+methods' attachment and auxiliary loss."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.components import RunState
 from clrun.errors import ConfigError
+from clrun.models import peft
 from clrun.models.peft import find_vit
 from clrun.strategies.utils import model_input, piece
 
@@ -22,6 +24,8 @@ __all__ = [
     "class_sums",
     "embed",
     "experience_cross_entropy",
+    "prompt_aux",
+    "start_prompts",
 ]
 
 
@@ -78,3 +82,22 @@ def experience_cross_entropy(out: Tensor, y: Tensor, classes: Tensor) -> Tensor:
     pos = torch.full((out.shape[1],), -1, dtype=torch.long, device=out.device)
     pos[classes] = torch.arange(len(classes), device=out.device)
     return F.cross_entropy(out[:, classes], pos[y])
+
+
+def start_prompts(state: RunState, exp: Experience, kind: str, options: dict) -> peft.Attachment:
+    """The prompt attachment of ``kind`` (:mod:`clrun.models.prompts`), attached on the first
+    experience, started for experience ``exp`` (its own per-experience step); the optimiser
+    starts afresh every experience (the authors' ``reinit_optimizer`` / a new optimiser per
+    task)."""
+    attached = peft.attachments(state.model)
+    prompts = attached.get(kind) or peft.attach(state.model, kind, **options)
+    prompts.start(exp.index)
+    state.reset_optimizer = True
+    return prompts
+
+
+def prompt_aux(state: RunState, kind: str) -> Tensor | None:
+    """The auxiliary loss of the prompt attachment's last training forward (then cleared)."""
+    prompts = peft.attachments(state.model)[kind]
+    aux, prompts.aux = prompts.aux, None
+    return aux
