@@ -38,7 +38,11 @@ TASK_IL = ("benchmark.scenario=task", "model.head=multi")
 # declares, or lighter settings where the paper's defaults are too heavy for a seconds-long debug
 # run (RanPAC's M = 10,000 random features make an 800 MB Gram matrix and a 10,000 × 10,000
 # solve per experience: about 2 minutes on one CPU thread).
-STRATEGY_ARGS: dict[str, tuple[str, ...]] = {"ranpac": ("strategy.M=1000",)}
+STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
+    "ranpac": ("strategy.M=1000",),
+    # MEMO needs a ResNet (its generalised / specialised split): the reduced ResNet-18 at nf=4
+    "memo": ("model=resnet18_reduced", "model.nf=4"),
+}
 
 
 def strategy_args(strategy: str) -> list[str]:

@@ -189,9 +189,12 @@ class CLModel(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
         # are re-attached from their saved description before their weights load.
-        from clrun.models import peft
+        # A backbone a strategy expanded (Dynamic DER, MEMO: clrun.models.expandable) is
+        # rebuilt into its saved shape the same way.
+        from clrun.models import expandable, peft
 
         peft.restore(self, state_dict, prefix)
+        expandable.restore(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_heads(self, x: Tensor) -> Tensor:

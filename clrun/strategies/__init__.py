@@ -11,6 +11,7 @@ from clrun.strategies.amnesiac import Amnesiac
 from clrun.strategies.aper import APER
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
+from clrun.strategies.dynamic_der import DynamicDER
 from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
@@ -21,6 +22,7 @@ from clrun.strategies.gem import GEM
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.memo import MEMO
 from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
@@ -38,11 +40,13 @@ __all__ = [
     "EWC",
     "GEM",
     "MAS",
+    "MEMO",
     "SI",
     "SLCA",
     "XDER",
     "Amnesiac",
     "Cumulative",
+    "DynamicDER",
     "FeCAM",
     "FreezeBackbone",
     "GDumb",

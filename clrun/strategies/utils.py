@@ -19,7 +19,9 @@ semantics (grown heads, eval mode, batching, seeded augmentation) as the built-i
   :func:`nearest_mean_logits` (a nearest-class-mean classifier);
 - embeddings of a frozen backbone, computed once per (samples, backbone weights) and shared by
   every component: :func:`frozen_features` (from :mod:`clrun.features`);
-- :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations.
+- :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations;
+- :func:`class_balanced_subset`: every class cut at random to the size of the smallest
+  (undersampling: Dynamic DER's classifier learning stage).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "anchor_of",
     "backbone_features",
     "buffer_features",
+    "class_balanced_subset",
     "flat_grad",
     "frozen_copy",
     "frozen_features",
@@ -414,3 +417,18 @@ def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
     k = lambda m: (m + h * 6) % 6  # noqa: E731
     f = lambda m: v - v * s * torch.clamp(torch.minimum(k(m), 4 - k(m)), 0, 1)  # noqa: E731
     return torch.stack([f(5), f(3), f(1)], 1)
+
+
+# ------------------------------------------------------------------ class balance
+
+
+def class_balanced_subset(y: Tensor, generator: torch.Generator) -> Tensor:
+    """Indices of a class-balanced subset of labels ``y``: every class present cut to the count
+    of the smallest, by a random draw from ``generator`` (undersampling). Sorted by class."""
+    classes, counts = y.unique(return_counts=True)
+    m = int(counts.min())
+    picked = []
+    for c in classes.tolist():
+        idx = torch.nonzero(y == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=generator)[:m].to(idx.device)])
+    return torch.cat(picked)
