@@ -61,9 +61,11 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "prabhu2020",
         "vandeven2018",
         "vandeven2022",
+        "yan2021",
         "zhang2023",
         "zhou2024aper",
         "zhou2024ease",
+        "zhou2023memo",
     }
     assert not list((CONF / "experiment").glob("*.yaml")), "presets live in <paper>/ folders"
     for paper in papers:

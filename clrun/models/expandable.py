@@ -183,7 +183,10 @@ class ExpandedClassifier(nn.Module):
 
 def head_features(head: nn.Module) -> int:
     """The input width of one of our heads (single or incremental)."""
-    for layer in (getattr(head, "linear", None), getattr(getattr(head, "units", None), "linear", None)):
+    for layer in (
+        getattr(head, "linear", None),
+        getattr(getattr(head, "units", None), "linear", None),
+    ):
         if isinstance(layer, nn.Linear):
             return layer.in_features
     raise ValueError(f"cannot read the feature width of a {type(head).__name__} head")

@@ -36,11 +36,15 @@ Not included: the paper's channel-level masks and pruning (sparsity loss, anneal
 authors' released code does not implement them ("masking and pruning are not implemented by the
 source repo": the first line of PyCIL's models/der.py), so there is no option for them.
 
-The retraining settings (30 epochs, lr 0.05 decayed × 0.1 at epoch 15, weight decay 5e-4,
-temperature 5, classifier reset) are those of the authors' code (the ``decouple`` settings of
-Rhyssiyan/DER-ClassIncremental.pytorch) as recalled: that repository is not readable here, so
-they are unverified. Class-incremental only (``benchmark.scenario=class``, not online); heads
-single or incremental (both become the expandable classifier). State: the classes seen before the
+The retraining settings (50 epochs, lr 0.05 decayed × 0.1 at epochs 15 and 30, weight decay 5e-4,
+temperature 5, the classifier reset first, a class-balanced subset of new data + memory, then the
+memory update) are the authors' code's ``decouple`` stage; their own repository
+(Rhyssiyan/DER-ClassIL.pytorch) is not readable here: read in a fork of it
+(FarmerJohnLYH/DER-CIL-pytorch-Reproduction: configs/B0S10.yaml; inclearn/models/incmodel.py
+resets the classifier and builds the "balanced_train" loader unless ``fullset``).
+
+Class-incremental only (``benchmark.scenario=class``, not online); heads single or incremental
+(both become the expandable classifier). State: the classes seen before the
 current experience (the model holds the rest; the runner checkpoints the buffer).
 """
 
@@ -70,9 +74,9 @@ class DynamicDER:
         buffer: Buffer | None,
         aux_weight: float = 1.0,
         correction: str = "retrain",
-        retrain_epochs: int = 30,
+        retrain_epochs: int = 50,
         retrain_lr: float = 0.05,
-        retrain_milestones: list[int] | tuple[int, ...] = (15,),
+        retrain_milestones: list[int] | tuple[int, ...] = (15, 30),
         retrain_lr_decay: float = 0.1,
         retrain_weight_decay: float = 5e-4,
         temperature: float = 5.0,
@@ -89,7 +93,9 @@ class DynamicDER:
         self.retrain_epochs = require("strategy retrain_epochs", retrain_epochs, int_at_least(1))
         self.retrain_lr = require("strategy retrain_lr", retrain_lr, number_above(0))
         self.retrain_milestones = [int(m) for m in retrain_milestones]
-        self.retrain_lr_decay = require("strategy retrain_lr_decay", retrain_lr_decay, number_above(0))
+        self.retrain_lr_decay = require(
+            "strategy retrain_lr_decay", retrain_lr_decay, number_above(0)
+        )
         self.retrain_weight_decay = require(
             "strategy retrain_weight_decay", retrain_weight_decay, number_at_least(0)
         )

@@ -49,9 +49,9 @@ class MEMO(DynamicDER):
         aux_weight: float = 1.0,
         train_generalized: bool = False,
         correction: str = "weight_align",
-        retrain_epochs: int = 30,
+        retrain_epochs: int = 50,
         retrain_lr: float = 0.05,
-        retrain_milestones: list[int] | tuple[int, ...] = (15,),
+        retrain_milestones: list[int] | tuple[int, ...] = (15, 30),
         retrain_lr_decay: float = 0.1,
         retrain_weight_decay: float = 5e-4,
         temperature: float = 5.0,
@@ -69,9 +69,7 @@ class MEMO(DynamicDER):
             temperature,
             seed,
         )
-        self.train_generalized = require(
-            "strategy train_generalized", train_generalized, boolean()
-        )
+        self.train_generalized = require("strategy train_generalized", train_generalized, boolean())
 
     def check(self, state: RunState) -> None:
         super().check(state)
