@@ -113,15 +113,17 @@ class ExpandedClassifier(nn.Module):
         self.register_buffer("aux_target", torch.zeros(0, dtype=torch.long))
         self.aux_logits: Tensor | None = None  # left by a training forward pass for the loss
 
-    def grow_features(self, extra: int) -> None:
-        """``extra`` more input features (a new branch): the old weights keep their place
-        (PyCIL's ``update_fc``: ``fc.weight[:old, :old_dim] = weight``), the new columns are
-        freshly initialised for every unit."""
+    def grow_features(self, extra: int, reuse: bool = True) -> None:
+        """``extra`` more input features (a new branch). ``reuse``: the old weights keep their
+        place (PyCIL's ``update_fc``: ``fc.weight[:old, :old_dim] = weight``), the new columns
+        are freshly initialised for every unit; else the whole layer is freshly initialised
+        (the DER authors' ``reuse_oldfc: False``)."""
         old = self.fc
         layer = new_linear(old.in_features + extra, old.out_features).to(old.weight.device)
-        with torch.no_grad():
-            layer.weight[:, : old.in_features] = old.weight
-            layer.bias.copy_(old.bias)
+        if reuse:
+            with torch.no_grad():
+                layer.weight[:, : old.in_features] = old.weight
+                layer.bias.copy_(old.bias)
         self.fc = layer
 
     def adaptation(self, experience) -> bool:

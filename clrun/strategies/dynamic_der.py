@@ -14,9 +14,11 @@ old ones) pushes it to learn what is new. Exemplars: the run's ``buffer`` (the p
   :class:`~clrun.models.expandable.ExpandedClassifier`); later, a new extractor initialised from
   the newest one (PyCIL's ``DERNet.update_fc`` loads the previous extractor's state dict) is
   appended, every older one frozen (no gradient, eval mode: BatchNorm statistics fixed, PyCIL's
-  ``DER.train``), the classifier gains the new feature columns (old weights kept, new columns
-  freshly initialised: ``update_fc``) and an auxiliary classifier with ``n_new + 1`` outputs is
-  attached. The optimiser is rebuilt fresh (PyCIL builds a new SGD per task).
+  ``DER.train``), the classifier gains the new feature columns and an auxiliary classifier with
+  ``n_new + 1`` outputs is attached. The grown classifier is freshly initialised
+  (``reuse_old_classifier: false``, the authors' configuration ``reuse_oldfc: False``: the
+  previous one was re-trained with a temperature, its logits are on another scale), or keeps
+  the old weights in place with fresh new columns (``true``: PyCIL's ``update_fc``). The optimiser is rebuilt fresh (PyCIL builds a new SGD per task).
 - ``loss`` (replaces the runner's cross-entropy): cross-entropy over the seen classes +
   ``aux_weight`` (λ_a) × cross-entropy of the auxiliary classifier, whose target is 0 for an old
   class and 1 + i for the i-th new class (PyCIL: ``loss_clf + loss_aux``, λ_a = 1).
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 
 from clrun.benchmarks import Experience, concat
 from clrun.buffers import Buffer
-from clrun.checks import int_at_least, number_above, number_at_least, one_of, require
+from clrun.checks import boolean, int_at_least, number_above, number_at_least, one_of, require
 from clrun.components import RunState
 from clrun.errors import ConfigError
 from clrun.models.expandable import ExpandedBackbone, expand
@@ -80,6 +82,7 @@ class DynamicDER:
         retrain_lr_decay: float = 0.1,
         retrain_weight_decay: float = 5e-4,
         temperature: float = 5.0,
+        reuse_old_classifier: bool = False,
         seed: int = 0,
     ):
         if buffer is None:
@@ -100,6 +103,9 @@ class DynamicDER:
             "strategy retrain_weight_decay", retrain_weight_decay, number_at_least(0)
         )
         self.temperature = require("strategy temperature", temperature, number_above(0))
+        self.reuse_old_classifier = require(
+            "strategy reuse_old_classifier", reuse_old_classifier, boolean()
+        )
         self.old_classes: list[int] = []  # classes of the experiences before the current one
 
     # ------------------------------------------------------------------ hooks
@@ -117,7 +123,7 @@ class DynamicDER:
         else:
             model.backbone.add_branch()
             self.after_branch(model.backbone)
-            model.head.grow_features(model.backbone.branch_features)
+            model.head.grow_features(model.backbone.branch_features, self.reuse_old_classifier)
         new = sorted(c for c in set(exp.classes) if c not in self.old_classes)
         if self.old_classes and new:
             model.head.set_aux(model.backbone.branch_features, new)

@@ -26,7 +26,8 @@ updated). What differs:
   the new classes' weight rows to the mean norm of the old ones; it has no class-balanced
   re-training stage (``correction: retrain`` runs Dynamic DER's).
 
-Defaults: λ_a = 1 (``alpha_aux`` of PyCIL's exps/memo.json). Class-incremental only.
+The grown classifier keeps the old weights in place (``reuse_old_classifier: true``: the
+authors' ``AdaptiveNet.update_fc`` copies them). Defaults: λ_a = 1 (``alpha_aux`` of PyCIL's exps/memo.json). Class-incremental only.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MEMO(DynamicDER):
         retrain_lr_decay: float = 0.1,
         retrain_weight_decay: float = 5e-4,
         temperature: float = 5.0,
+        reuse_old_classifier: bool = True,
         seed: int = 0,
     ):
         super().__init__(
@@ -67,6 +69,7 @@ class MEMO(DynamicDER):
             retrain_lr_decay,
             retrain_weight_decay,
             temperature,
+            reuse_old_classifier,
             seed,
         )
         self.train_generalized = require("strategy train_generalized", train_generalized, boolean())
