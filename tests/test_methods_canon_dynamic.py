@@ -224,3 +224,13 @@ def test_class_balanced_subset_cuts_every_class_to_the_smallest():
     idx = class_balanced_subset(y, torch.Generator().manual_seed(0))
     assert torch.bincount(y[idx]).tolist() == [3, 3, 3]
     assert len(set(idx.tolist())) == 9  # no sample twice
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_grown_classifier_keeps_or_redraws_the_old_weights(reuse):
+    head = ExpandedClassifier(3, 10)
+    head.adaptation(type("E", (), {"classes": [0, 1]})())
+    old = head.fc.weight.detach().clone()
+    head.grow_features(2, reuse=reuse)
+    assert head.fc.weight.shape == (2, 5)
+    assert torch.equal(head.fc.weight[:, :3], old) == reuse
