@@ -20,7 +20,8 @@ What lives where:
   (``model.input_spec``), which the runner makes every benchmark fit.
 
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
-``peft.py``.
+``peft.py``; the expandable backbone and classifier that Dynamic DER and MEMO grow a model into
+(one branch per experience, restored into a fresh model on resume) in ``expandable.py``.
 """
 
 from clrun.models.backbones import (
