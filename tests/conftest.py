@@ -54,6 +54,8 @@ STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
     # the papers' prompt blocks (0-4) do not exist in the two-block test ViT
     "dualprompt": ("strategy.g_layers=[0]", "strategy.e_layers=[1]"),
     "coda_prompt": ("strategy.layers=[0,1]",),
+    # MEMO needs a ResNet (its generalised / specialised split): the reduced ResNet-18 at nf=4
+    "memo": ("model=resnet18_reduced", "model.nf=4"),
 }
 # ViT strategies that train only prompts and a head on the frozen ViT: on the random two-block
 # test ViT a seconds-long run learns little (its random attention carries little of the image

@@ -67,10 +67,12 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "wu2019",
         "wang2022dualprompt",
         "wang2022l2p",
+        "yan2021",
         "zhang2023",
         "zhao2020",
         "zhou2024aper",
         "zhou2024ease",
+        "zhou2023memo",
     }
     assert not list((CONF / "experiment").glob("*.yaml")), "presets live in <paper>/ folders"
     for paper in papers:

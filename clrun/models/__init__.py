@@ -25,7 +25,8 @@ What lives where:
 
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
 ``peft.py``; the prompt pools of L2P, DualPrompt and CODA-Prompt in ``prompts.py``, registered
-among peft's kinds.
+among peft's kinds; the expandable backbone and classifier that Dynamic DER and MEMO grow a model
+into (one branch per experience, restored into a fresh model on resume) in ``expandable.py``.
 """
 
 from clrun.models.backbones import (

@@ -181,6 +181,15 @@ class ResNet(nn.Module):
         out = self.stages(torch.relu(self.bn1(self.conv1(x))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
+    def memo_split(self) -> tuple[nn.Module, nn.Module]:
+        """MEMO's (Zhou et al., ICLR 2023) split of this network, its own modules (not copies):
+        generalised blocks = the stem and every stage but the last; specialised blocks = the last
+        stage and the pooling. PyCIL's convs/memo_cifar_resnet.py splits ResNet-32 so (stages 1-2
+        / stage 3), convs/memo_resnet.py ResNet-18 (layers 1-3 / layer 4)."""
+        shared = nn.Sequential(self.conv1, self.bn1, nn.ReLU(), *self.stages[:-1])
+        specialised = nn.Sequential(self.stages[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return shared, specialised
+
 
 def resnet18_reduced(
     input_shape: Sequence[int], n_classes: int, head: str = "single", nf: int = 20

@@ -197,12 +197,14 @@ class CLModel(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
         # are re-attached from their saved description before their weights load; a
-        # task-conditioned backbone a strategy put in place (clrun.models.task_nets) likewise,
-        # and a backbone a strategy grew (GROWN) is grown again in the same way.
-        from clrun.models import peft, task_nets
+        # task-conditioned backbone a strategy put in place (clrun.models.task_nets), a backbone a
+        # strategy expanded (Dynamic DER, MEMO: clrun.models.expandable) and a backbone a
+        # strategy grew (GROWN) are rebuilt into their saved shape the same way.
+        from clrun.models import expandable, peft, task_nets
 
         peft.restore(self, state_dict, prefix)
         task_nets.restore(self, state_dict, prefix)
+        expandable.restore(self, state_dict, prefix)
         extra = state_dict.get(prefix + "backbone._extra_state")
         kind = extra.get("grown") if isinstance(extra, dict) else None
         if kind in GROWN and getattr(self.backbone, "grown", None) != kind:

@@ -14,6 +14,7 @@ from clrun.strategies.coda_prompt import CODAPrompt
 from clrun.strategies.cumulative import Cumulative, Joint
 from clrun.strategies.der import DER
 from clrun.strategies.dualprompt import DualPrompt
+from clrun.strategies.dynamic_der import DynamicDER
 from clrun.strategies.ease import EASE
 from clrun.strategies.er_ace import ERACE
 from clrun.strategies.ewc import EWC
@@ -28,6 +29,7 @@ from clrun.strategies.inflora import InfLoRA
 from clrun.strategies.l2p import L2P
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.memo import MEMO
 from clrun.strategies.packnet import PackNet
 from clrun.strategies.pnn import PNN
 from clrun.strategies.ranpac import RanPAC
@@ -53,6 +55,7 @@ __all__ = [
     "HAT",
     "MAS",
     "PNN",
+    "MEMO",
     "SI",
     "SLCA",
     "WA",
@@ -61,6 +64,7 @@ __all__ = [
     "BiC",
     "Cumulative",
     "DualPrompt",
+    "DynamicDER",
     "FeCAM",
     "FreezeBackbone",
     "GDumb",

@@ -19,7 +19,9 @@ semantics (grown heads, eval mode, batching, seeded augmentation) as the built-i
   :func:`nearest_mean_logits` (a nearest-class-mean classifier);
 - embeddings of a frozen backbone, computed once per (samples, backbone weights) and shared by
   every component: :func:`frozen_features` (from :mod:`clrun.features`);
-- :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations.
+- :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations;
+- :func:`class_balanced_subset`: every class cut at random to the size of the smallest
+  (undersampling: Dynamic DER's classifier learning stage).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "anchor_of",
     "backbone_features",
     "buffer_features",
+    "class_balanced_subset",
     "flat_grad",
     "frozen_copy",
     "freeze_other_heads",
@@ -503,3 +506,18 @@ def freeze_other_heads(model: nn.Module, tasks: Iterable[int]) -> None:
     keep = {int(head.task_to_head[t]) for t in tasks if t < len(head.task_to_head)}
     for i, h in enumerate(head.heads):
         h.requires_grad_(i in keep)
+
+
+# ------------------------------------------------------------------ class balance
+
+
+def class_balanced_subset(y: Tensor, generator: torch.Generator) -> Tensor:
+    """Indices of a class-balanced subset of labels ``y``: every class present cut to the count
+    of the smallest, by a random draw from ``generator`` (undersampling). Sorted by class."""
+    classes, counts = y.unique(return_counts=True)
+    m = int(counts.min())
+    picked = []
+    for c in classes.tolist():
+        idx = torch.nonzero(y == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=generator)[:m].to(idx.device)])
+    return torch.cat(picked)
