@@ -63,7 +63,7 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "smith2023coda",
         "vandeven2018",
         "vandeven2022",
-        "wang2022",
+        "wang2022foster",
         "wu2019",
         "wang2022dualprompt",
         "wang2022l2p",
