@@ -14,7 +14,6 @@ from torch import Tensor
 from clrun import distributed
 from clrun.benchmarks import Experience
 from clrun.components import RunState
-from clrun.errors import ConfigError
 from clrun.models import peft
 from clrun.models.peft import find_vit
 from clrun.strategies.utils import model_input, piece
@@ -32,16 +31,9 @@ __all__ = [
 def check_class_il(state: RunState, method: str) -> None:
     """One-line errors for what these methods do not do: other scenarios, online streams,
     models that are not a timm ViT."""
-    scenario = state.benchmark.scenario
-    if scenario != "class":
-        raise ConfigError(
-            f"{method} is class-incremental only: benchmark.scenario={scenario} is not "
-            "supported; use benchmark.scenario=class"
-        )
-    if getattr(state.benchmark, "train_origin", None) is not None:
-        raise ConfigError(
-            f"{method} fits on whole experiences: benchmark.online=true is not supported"
-        )
+    from clrun.strategies.utils import require_class_il
+
+    require_class_il(method, state, "fits on whole experiences", one_head=False)
     find_vit(state.model, method)
 
 

@@ -441,9 +441,15 @@ def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
 # (PyCIL's ``appendent=self._get_memory()``) and distil the old model with a soft cross-entropy.
 
 
-def require_class_il(method: str, state: RunState) -> None:
-    """A one-line ConfigError unless the run is class-incremental, offline, with a single or
-    incremental head (the methods that rebalance old and new classes' logits)."""
+def require_class_il(
+    method: str,
+    state: RunState,
+    why_offline: str = "trains on whole experiences with their exemplars",
+    one_head: bool = True,
+) -> None:
+    """A one-line ConfigError unless the run is class-incremental and offline (the method
+    ``why_offline``) and, with ``one_head``, has a single or incremental head (the methods that
+    rebalance old and new classes' logits)."""
     from clrun.errors import ConfigError
     from clrun.models import MultiHeadClassifier
 
@@ -454,11 +460,8 @@ def require_class_il(method: str, state: RunState) -> None:
             "supported; use benchmark.scenario=class"
         )
     if getattr(state.benchmark, "train_origin", None) is not None:
-        raise ConfigError(
-            f"{method} trains on whole experiences with their exemplars: benchmark.online=true is "
-            "not supported"
-        )
-    if isinstance(getattr(state.model, "head", None), MultiHeadClassifier):
+        raise ConfigError(f"{method} {why_offline}: benchmark.online=true is not supported")
+    if one_head and isinstance(getattr(state.model, "head", None), MultiHeadClassifier):
         raise ConfigError(
             f"{method} needs one head over all classes: model.head=multi is not supported; use "
             "model.head=incremental or single"
