@@ -50,7 +50,16 @@ from torch import Tensor, nn
 
 from clrun.errors import ConfigError
 
-__all__ = ["KINDS", "Attachment", "attach", "attachments", "check_options", "find_vit", "only"]
+__all__ = [
+    "ADAPTERS",
+    "KINDS",
+    "Attachment",
+    "attach",
+    "attachments",
+    "check_options",
+    "find_vit",
+    "only",
+]
 
 
 def find_vit(model: nn.Module, what: str = "this strategy") -> nn.Module:
@@ -342,3 +351,7 @@ def restore(model: nn.Module, state_dict: dict, prefix: str) -> None:
 from clrun.models.prompts import KINDS as _PROMPT_KINDS  # noqa: E402
 
 KINDS.update(_PROMPT_KINDS)
+
+# the parameter-efficient modules a method may adapt a ViT with on its first experience (APER's
+# and RanPAC's choices); prompts and low-rank branches belong to their own methods
+ADAPTERS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")

@@ -30,7 +30,6 @@ from clrun.benchmarks import Experience
 from clrun.checks import one_of, require
 from clrun.components import RunState
 from clrun.models import peft
-from clrun.models.prompts import KINDS as PROMPT_KINDS
 from clrun.strategies.ptm import check_class_il, class_sums, embed
 from clrun.strategies.simplecil import prototype_logits
 from clrun.strategies.utils import frozen_copy
@@ -38,7 +37,7 @@ from clrun.strategies.utils import frozen_copy
 NAME = "aper"  # the attachment's name in model.peft
 # every kind of clrun.models.peft but the prompt pools (l2p, dualprompt, coda_prompt), which choose
 # prompts per input and need their method's per-experience steps
-ADAPTERS = tuple(k for k in peft.KINDS if k not in PROMPT_KINDS)
+ADAPTERS = peft.ADAPTERS
 
 
 class APER:

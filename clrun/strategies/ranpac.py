@@ -66,7 +66,7 @@ class RanPAC:
         train_first: bool = False,
     ):
         require("RanPAC M", M, int_at_least(0))
-        require("RanPAC adapter", adapter, one_of(("none", *peft.KINDS)))
+        require("RanPAC adapter", adapter, one_of(("none", *peft.ADAPTERS)))
         if adapter != "none":
             peft.check_options(adapter, dict(adapter_options or {}))
             if not train_first:
