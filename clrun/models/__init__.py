@@ -19,6 +19,9 @@ What lives where:
   nowhere, the hub, a file or a clrun run; it reports its input size and normalisation
   (``model.input_spec``), which the runner makes every benchmark fit.
 
+``cosine.py``: :class:`CosineClassifier`, the cosine / local-similarity head that LUCIR and
+PODNet put on a model (it survives resume and growth like the heads above).
+
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
 ``peft.py``.
 """
@@ -36,6 +39,7 @@ from clrun.models.backbones import (
     resnet32,
     torchvision_model,
 )
+from clrun.models.cosine import CosineClassifier
 from clrun.models.heads import (
     HEADS,
     MASKED,
@@ -58,6 +62,7 @@ __all__ = [
     "MOBILENET_V1",
     "BasicBlock",
     "CLModel",
+    "CosineClassifier",
     "IncrementalClassifier",
     "MultiHeadClassifier",
     "ResNet",

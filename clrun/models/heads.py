@@ -188,10 +188,12 @@ class CLModel(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
-        # are re-attached from their saved description before their weights load.
-        from clrun.models import peft
+        # are re-attached from their saved description before their weights load; so is a
+        # cosine head that replaced the head from config (clrun.models.cosine).
+        from clrun.models import cosine, peft
 
         peft.restore(self, state_dict, prefix)
+        cosine.restore_head(self, state_dict, prefix)  # a cosine head a strategy put (LUCIR, PODNet)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_heads(self, x: Tensor) -> Tensor:

@@ -19,8 +19,10 @@ from clrun.strategies.freezing import FreezeBackbone, TrainOnly
 from clrun.strategies.gdumb import GDumb
 from clrun.strategies.gem import GEM
 from clrun.strategies.icarl import ICaRL
+from clrun.strategies.lucir import LUCIR
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
+from clrun.strategies.podnet import PODNet
 from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
@@ -37,7 +39,9 @@ __all__ = [
     "ERACE",
     "EWC",
     "GEM",
+    "LUCIR",
     "MAS",
+    "PODNet",
     "SI",
     "SLCA",
     "XDER",
