@@ -38,7 +38,10 @@ TASK_IL = ("benchmark.scenario=task", "model.head=multi")
 # declares, or lighter settings where the paper's defaults are too heavy for a seconds-long debug
 # run (RanPAC's M = 10,000 random features make an 800 MB Gram matrix and a 10,000 × 10,000
 # solve per experience: about 2 minutes on one CPU thread).
-STRATEGY_ARGS: dict[str, tuple[str, ...]] = {"ranpac": ("strategy.M=1000",)}
+# LUCIR's learned scale σ starts at 1 (logits are cosines): with the default Adam at 0.001 it
+# grows too slowly for a 2-epoch run; the paper's SGD (0.1, momentum 0.9) learns it.
+PAPER_SGD = ("optimizer=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9")
+STRATEGY_ARGS: dict[str, tuple[str, ...]] = {"ranpac": ("strategy.M=1000",), "lucir": PAPER_SGD}
 
 
 def strategy_args(strategy: str) -> list[str]:
