@@ -180,7 +180,7 @@ class LUCIR:
         return concat([exp, self.buffer.samples()], exp.index)
 
     def pre_update(self, state: RunState, exp: Experience) -> None:
-        use_cosine_head(state.model, 1, "LUCIR")
+        use_cosine_head(state.model, 1, "LUCIR", last_relu=False)
         head = state.model.head
         new = [c for c in exp.classes if c not in set(head.classes.tolist())]
         weights = None

@@ -429,8 +429,8 @@ def _shift_hue(x: Tensor, hue: Tensor) -> Tensor:
 def stage_modules(backbone: nn.Module, what: str) -> list[nn.Module]:
     """The modules whose outputs are the backbone's stages, first to last: the CIFAR ResNets'
     stages of residual blocks (``model=resnet18/resnet18_reduced/resnet32``); the ``cnn``'s
-    conv stages (each ends in its max-pool); the ``mlp``'s hidden layers (each ends in its ReLU:
-    a hidden layer of width d is a d-channel 1×1 map). Any other backbone: a one-line error."""
+    conv stages (each ends in its max-pool); the ``mlp``'s hidden layers (each ends in its
+    activation, before any dropout: a hidden layer of width d is a d-channel 1×1 map). Any other backbone: a one-line error."""
     from clrun.errors import ConfigError
     from clrun.models import ResNet
 
@@ -438,8 +438,14 @@ def stage_modules(backbone: nn.Module, what: str) -> list[nn.Module]:
         return list(backbone.stages)
     if isinstance(backbone, nn.Sequential):
         layers = list(backbone)
-        if layers and isinstance(layers[0], nn.Flatten):  # mlp
-            stages = [m for m in layers if isinstance(m, nn.ReLU)]
+        if layers and isinstance(layers[0], nn.Flatten):  # mlp: what precedes the next Linear
+            linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+            ends = [i - 1 for i in linear[1:]] + [len(layers) - 1] if linear else []
+            stages = []
+            for end in ends:
+                while isinstance(layers[end], nn.Dropout):
+                    end -= 1
+                stages.append(layers[end])
         else:  # cnn
             stages = [m for m in layers if isinstance(m, nn.MaxPool2d)]
         if stages:
