@@ -100,23 +100,31 @@ def test_lsc_aggregates_proxies_by_softmax_by_hand():
     assert head.similarities(torch.tensor([[2.0, 0.0]])).tolist()[0] == pytest.approx(
         [e / (e + 1), -1 / (1 + e)]
     )
+    # PODNet's code: −‖ĥ − θ̂‖² = 2cos − 2; class 5: (0, −2), weights (1, e⁻²)/(1 + e⁻²)
+    head.similarity = "neg_squared_distance"
+    w = math.exp(-2)
+    assert head.similarities(torch.tensor([[2.0, 0.0]]))[0, 0].item() == pytest.approx(
+        -2 * w / (1 + w)
+    )
 
 
 def test_nca_by_hand():
-    logits = torch.tensor([[2.0, 1.0, 0.0]])
-    # −log(exp(2 − 0.5) / (e¹ + e⁰)) = log(e + 1) − 1.5, the positive out of the denominator
-    expected = math.log(math.e + 1) - 1.5
-    assert nca(logits, torch.tensor([0]), 0.5).item() == pytest.approx(expected)
-    assert nca(logits, torch.tensor([0]), 0.5, hinge=True).item() == 0.0  # expected < 0
-    assert nca(logits, torch.tensor([2]), 0.0).item() == pytest.approx(
-        math.log(math.exp(2) + math.exp(1))
-    )
+    logits, y0, y2 = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([0]), torch.tensor([2])
+    # the paper's: [log Σ_{c≠y} exp z_c − z_y]₊ with z_y = 2 − 0.5: log(e + 1) − 1.5 < 0 → 0
+    assert nca(logits, y0, 0.5, "paper").item() == 0.0
+    assert nca(logits, y2, 0.0, "paper").item() == pytest.approx(math.log(math.exp(2) + math.e))
+    # the code's: target highest (z = 1.5, 1, 0): the cross-entropy log(1 + e^−0.5 + e^−1.5)
+    expected = math.log(1 + math.exp(-0.5) + math.exp(-1.5))
+    assert nca(logits, y0, 0.5).item() == pytest.approx(expected)
+    # target not highest: (max − z_y) + log(1 + Σ_{c≠y} exp(z_c − max)) = 2 + log(1 + 1 + e⁻¹)
+    assert nca(logits, y2, 0.0).item() == pytest.approx(2 + math.log(2 + math.exp(-1)))
 
 
 def test_head_grows_fixes_old_classes_and_loads_into_a_fresh_model():
     torch.manual_seed(0)
     model = mlp((1, 4, 4), 10, head="incremental", hidden_sizes=[8])
-    assert use_cosine_head(model, 3, "test")
+    assert use_cosine_head(model, 3, "test", False, "neg_squared_distance")
+    assert isinstance(model.backbone[-1], nn.Identity)  # the last ReLU is out
     model.head.grow([0, 1])
     model.head.grow([2, 3, 4], torch.randn(9, 8))
     assert model.head.n_old == 2 and model.head.classes.tolist() == [0, 1, 2, 3, 4]
@@ -130,12 +138,15 @@ def test_head_grows_fixes_old_classes_and_loads_into_a_fresh_model():
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(torch.get_rng_state(), rng)  # loading draws nothing
     assert isinstance(fresh.head, CosineClassifier) and fresh.head.proxies == 3
+    assert fresh.head.similarity == "neg_squared_distance"
+    assert isinstance(fresh.backbone[-1], nn.Identity)  # taken out again before loading
     assert torch.equal(fresh(x), model(x))
     assert not fresh.head.old_weight.requires_grad and fresh.head.n_old == 2
 
 
 def test_stages_of_the_backbones_and_a_refusal():
-    assert len(stage_modules(mlp((1, 4, 4), 10, hidden_sizes=[8, 8, 8]).backbone, "x")) == 3
+    net = mlp((1, 4, 4), 10, hidden_sizes=[8, 8, 8], dropout=0.1).backbone
+    assert stage_modules(net, "x") == [net[2], net[5], net[8]]  # each hidden layer's ReLU
     assert len(stage_modules(clrun.models.cnn((1, 8, 8), 10).backbone, "x")) == 2
     assert len(stage_modules(clrun.models.resnet32((3, 8, 8), 10).backbone, "x")) == 3
     with pytest.raises(ConfigError, match="PODNet distils the outputs of the backbone's stages"):
