@@ -73,7 +73,10 @@ def test_pod_spatial_by_hand():
     assert batch == pytest.approx((expected + _pod_by_hand(c, d)) / 2, rel=1e-6)
     # a vector (an MLP's hidden layer) is a C × 1 × 1 map: pooled (v², v²), normalised
     v, w = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 1.0]])
-    pv, pw = torch.tensor([1.0, 4, 1, 4]) / math.sqrt(34), torch.tensor([4.0, 1, 4, 1]) / math.sqrt(34)
+    pv, pw = (
+        torch.tensor([1.0, 4, 1, 4]) / math.sqrt(34),
+        torch.tensor([4.0, 1, 4, 1]) / math.sqrt(34),
+    )
     assert pod_spatial([v], [w]).item() == pytest.approx((pv - pw).norm().item(), rel=1e-6)
     assert pod_spatial([t(a)], [t(a)]).item() == 0.0
 

@@ -193,7 +193,9 @@ class CLModel(nn.Module):
         from clrun.models import cosine, peft
 
         peft.restore(self, state_dict, prefix)
-        cosine.restore_head(self, state_dict, prefix)  # a cosine head a strategy put (LUCIR, PODNet)
+        cosine.restore_head(
+            self, state_dict, prefix
+        )  # a cosine head a strategy put (LUCIR, PODNet)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_heads(self, x: Tensor) -> Tensor:
