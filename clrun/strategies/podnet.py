@@ -14,12 +14,12 @@ CosineClassifier` with ``proxies`` K per class): ŷ_c = Σ_k softmax_k(cos(h, θ
   centres of the class's normalised features, times the mean norm of the proxies so far. The
   classes learnt so far become old and their proxies fixed (the code's ``groupwise_factors:
   old_weights: 0``; η keeps training). A fresh optimiser (the code builds one per task).
-- ``loss`` (replaces cross-entropy): the NCA loss with margin δ on the LSC,
-  [−log(exp(η(ŷ_y − δ)) / Σ_{c≠y} exp(η ŷ_c))]₊, averaged over the minibatch. The hinge
-  (``nca_hinge``) bounds the loss: without it, once the classes are δ apart the loss falls
-  without limit as η grows (seen on Split MNIST: η ran away, accuracy fell to 16 %). The
-  authors' ``losses.nca`` bounds it another way: after subtracting the row maximum it keeps
-  exp(0) in place of the positive in the denominator (``hinge_proxynca=False``).
+- ``loss`` (replaces cross-entropy): the NCA loss with margin δ on the LSC (:func:`nca`), in
+  the form of the authors' ``losses.nca`` (``nca_form=code``, the default: bounded below, the
+  cross-entropy of the margined logits when the target scores highest) or the paper's
+  [−log(exp(η(ŷ_y − δ)) / Σ_{c≠y} exp(η ŷ_c))]₊ (``nca_form=paper``). η is learned and not
+  kept positive, as in the code (``FactorScalar``): on Split MNIST with an MLP (2 new classes
+  per experience) it falls through 0 and inverts the logits.
 - ``penalty`` (from the second experience on): POD-spatial on the output of every stage of the
   backbone (:func:`~clrun.strategies.utils.stage_modules`) and POD-flat on the final embedding,
   against the model as it was before this experience (eval mode), each weighted
@@ -41,9 +41,9 @@ CosineClassifier` with ``proxies`` K per class): ŷ_c = Σ_k softmax_k(cos(h, θ
 
 Where the paper is silent: the authors' code (arthurdouillard/incremental_learning.pytorch,
 ``inclearn/models/podnet.py``, ``inclearn/lib/losses/distillation.py``,
-``inclearn/lib/network/classifiers.py``, ``options/podnet/podnet_cnn_cifar100.yaml``). The paper's
-similarity is the cosine; the code's ``neg_stable_cosine_distance`` is −‖ĥ − θ̂‖² = 2·cos − 2
-(the same classifier with η and δ doubled). K-means: k-means++ seeding and Lloyd's iterations
+``inclearn/lib/network/classifiers.py``, ``options/podnet/podnet_cnn_cifar100.yaml``). The paper writes
+the similarity as the cosine; the code's ``neg_stable_cosine_distance``, −‖ĥ − θ̂‖² = 2·cos − 2,
+is the default (``similarity``). K-means: k-means++ seeding and Lloyd's iterations
 (the code calls scikit-learn's KMeans), seeded by the run. Stages of the MLP and the small CNN
 are ours (see ``stage_modules``): the paper distils ResNet stages. Class-incremental only
 (``benchmark.scenario=class``, a single or incremental head; ``model=mlp``, ``cnn`` or a CIFAR
