@@ -116,11 +116,25 @@ def test_nca_by_hand():
     # the paper's: [log Σ_{c≠y} exp z_c − z_y]₊ with z_y = 2 − 0.5: log(e + 1) − 1.5 < 0 → 0
     assert nca(logits, y0, 0.5, "paper").item() == 0.0
     assert nca(logits, y2, 0.0, "paper").item() == pytest.approx(math.log(math.exp(2) + math.e))
-    # the code's: target highest (z = 1.5, 1, 0): the cross-entropy log(1 + e^−0.5 + e^−1.5)
-    expected = math.log(1 + math.exp(-0.5) + math.exp(-1.5))
+    # the code's: the margin comes off every class and cancels; target highest (z = 2, 1, 0):
+    # the cross-entropy log(1 + e^−1 + e^−2), whatever the margin
+    expected = math.log(1 + math.exp(-1) + math.exp(-2))
     assert nca(logits, y0, 0.5).item() == pytest.approx(expected)
+    assert nca(logits, y0, 0.0).item() == pytest.approx(expected)
     # target not highest: (max − z_y) + log(1 + Σ_{c≠y} exp(z_c − max)) = 2 + log(1 + 1 + e⁻¹)
     assert nca(logits, y2, 0.0).item() == pytest.approx(2 + math.log(2 + math.exp(-1)))
+
+
+def test_nca_code_form_raises_the_scale_when_the_target_scores_highest():
+    # ŷ = (−0.5, −1, −2), target 0 highest by less than the margin 0.6: the code's loss
+    # log(1 + e^−0.5η + e^−1.5η) falls as η grows, whatever δ (a target-only margin would make
+    # the first term e^(0.1η) and push η down)
+    eta = torch.tensor(1.0, requires_grad=True)
+    sims, y = torch.tensor([[-0.5, -1.0, -2.0]]), torch.tensor([0])
+    (grad,) = torch.autograd.grad(nca(eta * sims, y, eta * 0.6), eta)
+    assert grad.item() == pytest.approx(-(0.5 * math.exp(-0.5) + 1.5 * math.exp(-1.5)) / (
+        1 + math.exp(-0.5) + math.exp(-1.5)
+    ))
 
 
 def test_head_grows_fixes_old_classes_and_loads_into_a_fresh_model():
@@ -196,6 +210,25 @@ def test_lucir_keeps_old_class_weights_fixed_and_reloads(run_debug):
     d = after["old_weight"].shape[1]
     params = summary["params_per_experience"]
     assert [b - a for a, b in zip(params, params[1:], strict=False)] == [2 * d] * 4
+
+
+def test_podnet_scale_stays_positive_and_every_experience_is_learnt(run_debug, tmp_path):
+    # the collapse this guards against: a margin taken off the target only (the paper's formula,
+    # not the code's) lowers η on every sample that misses it, η crosses 0 and the LSC's logits
+    # (and every prediction) invert; the accuracy matrix's diagonal then falls to ~0
+    # noisy classes (pixel noise 200 of 255), so that the margin is often missed: with the
+    # target-only margin η ends experience 0 at −3.6 and the diagonal starts at 0.51
+    overrides = ("checkpoint.keep=every_experience", "benchmark.noise=200")
+    summary, run_dir = run_debug("strategy=podnet", *PAPER_SGD, *overrides)
+    assert summary["status"] == "completed"
+    scales = [
+        torch.load(model_file(run_dir, i), weights_only=True)["model"]["head.scale"].item()
+        for i in range(5)
+    ]
+    assert min(scales) > 1.0, scales  # η starts at 1 and grows while the targets score highest
+    rows = (run_dir / "acc_matrix.csv").read_text().splitlines()[1:]
+    diag = [float(r.split(",")[i]) for i, r in enumerate(rows)]
+    assert min(diag) > 0.6, diag  # each experience learnt right after training on it (0.70)
 
 
 @pytest.mark.parametrize("strategy", ["lucir", "podnet"])

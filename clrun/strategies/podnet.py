@@ -104,21 +104,29 @@ def pod_flat(old: Tensor, new: Tensor) -> Tensor:
 
 
 def nca(logits: Tensor, y: Tensor, margin: Tensor | float, form: str = "code") -> Tensor:
-    """NCA loss with margin, averaged over samples: ``logits`` are η·ŷ, ``margin`` is η·δ,
-    z = logits − margin at the target. ``paper``: [log Σ_{c≠y} exp z_c − z_y]₊ (the positive out
-    of the denominator, clamped at 0). ``code`` (the authors' ``losses.nca``): with M the row
-    maximum of z, (M − z_y) + log(1 + Σ_{c≠y} exp(z_c − M)), the cross-entropy of z when the
-    target scores highest (the positive's term in the denominator is exp(0) = 1)."""
+    """NCA loss with margin, averaged over samples: ``logits`` are η·ŷ, ``margin`` is η·δ.
+
+    ``paper`` (the paper's Eq. for the LSC): z = logits with the margin taken off the target only,
+    [log Σ_{c≠y} exp z_c − z_y]₊ (the positive out of the denominator, hinged at 0).
+
+    ``code`` (what the authors ran, ``inclearn/lib/losses/base.py::nca`` with
+    ``exclude_pos_denominator: true``, ``hinge_proxynca: false``): the code builds a per-target
+    margin tensor but subtracts the scalar margin from EVERY similarity, z = η·(ŷ − δ), so the
+    margin cancels in the shift by the row maximum M: (M − z_y) + log(1 + Σ_{c≠y} exp(z_c − M)),
+    the cross-entropy of η·ŷ when the target scores highest (the positive's term in the
+    denominator is exp(0) = 1), no hinge. Its gradient raises η whenever the target scores
+    highest, so η stays positive; the paper's target-only margin instead lowers η on every sample
+    whose margin is not met, which on 2-class experiences drives η through 0."""
     rows = torch.arange(len(y), device=y.device)
-    z = logits.clone()
-    z[rows, y] = z[rows, y] - margin
-    pos = z[rows, y]
     if form == "paper":
+        z = logits.clone()
+        z[rows, y] = z[rows, y] - margin
         neg = z.index_put((rows, y), torch.tensor(float("-inf"), device=z.device))
-        return (torch.logsumexp(neg, dim=1) - pos).clamp(min=0).mean()
-    top = z.max(1).values  # the code's shift by the row maximum (the gradient flows through it)
-    rest = (z - top[:, None]).index_put((rows, y), torch.zeros((), device=z.device))
-    return ((top - pos) + torch.logsumexp(rest, dim=1)).mean()
+        return (torch.logsumexp(neg, dim=1) - z[rows, y]).clamp(min=0).mean()
+    z = logits - margin  # every class, as the code does (no effect on the loss: kept to say so)
+    z = z - z.max(1, keepdim=True).values  # the code's shift (the gradient flows through it)
+    rest = z.index_put((rows, y), torch.zeros((), device=z.device))
+    return (torch.logsumexp(rest, dim=1) - z[rows, y]).mean()
 
 
 def kmeans(x: Tensor, k: int, generator: torch.Generator, iters: int = 300) -> Tensor:
