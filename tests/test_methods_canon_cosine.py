@@ -113,9 +113,9 @@ def test_lsc_aggregates_proxies_by_softmax_by_hand():
 
 def test_nca_by_hand():
     logits, y0, y2 = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([0]), torch.tensor([2])
-    # the paper's: [log Σ_{c≠y} exp z_c − z_y]₊ with z_y = 2 − 0.5: log(e + 1) − 1.5 < 0 → 0
-    assert nca(logits, y0, 0.5, "paper").item() == 0.0
-    assert nca(logits, y2, 0.0, "paper").item() == pytest.approx(math.log(math.exp(2) + math.e))
+    # the hinged form: [log Σ_{c≠y} exp z_c − z_y]₊ with z_y = 2 − 0.5: log(e + 1) − 1.5 < 0 → 0
+    assert nca(logits, y0, 0.5, "hinge").item() == 0.0
+    assert nca(logits, y2, 0.0, "hinge").item() == pytest.approx(math.log(math.exp(2) + math.e))
     # the code's: the margin comes off every class and cancels; target highest (z = 2, 1, 0):
     # the cross-entropy log(1 + e^−1 + e^−2), whatever the margin
     expected = math.log(1 + math.exp(-1) + math.exp(-2))
@@ -132,9 +132,9 @@ def test_nca_code_form_raises_the_scale_when_the_target_scores_highest():
     eta = torch.tensor(1.0, requires_grad=True)
     sims, y = torch.tensor([[-0.5, -1.0, -2.0]]), torch.tensor([0])
     (grad,) = torch.autograd.grad(nca(eta * sims, y, eta * 0.6), eta)
-    assert grad.item() == pytest.approx(-(0.5 * math.exp(-0.5) + 1.5 * math.exp(-1.5)) / (
-        1 + math.exp(-0.5) + math.exp(-1.5)
-    ))
+    assert grad.item() == pytest.approx(
+        -(0.5 * math.exp(-0.5) + 1.5 * math.exp(-1.5)) / (1 + math.exp(-0.5) + math.exp(-1.5))
+    )
 
 
 def test_head_grows_fixes_old_classes_and_loads_into_a_fresh_model():
@@ -213,8 +213,8 @@ def test_lucir_keeps_old_class_weights_fixed_and_reloads(run_debug):
 
 
 def test_podnet_scale_stays_positive_and_every_experience_is_learnt(run_debug, tmp_path):
-    # the collapse this guards against: a margin taken off the target only (the paper's formula,
-    # not the code's) lowers η on every sample that misses it, η crosses 0 and the LSC's logits
+    # the collapse this guards against: a margin taken off the target only (nca_form=hinge, not
+    # the code's form) lowers η on every sample that misses it, η crosses 0 and the LSC's logits
     # (and every prediction) invert; the accuracy matrix's diagonal then falls to ~0
     # noisy classes (pixel noise 200 of 255), so that the margin is often missed: with the
     # target-only margin η ends experience 0 at −3.6 and the diagonal starts at 0.51

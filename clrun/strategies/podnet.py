@@ -14,12 +14,21 @@ CosineClassifier` with ``proxies`` K per class): ŷ_c = Σ_k softmax_k(cos(h, θ
   centres of the class's normalised features, times the mean norm of the proxies so far. The
   classes learnt so far become old and their proxies fixed (the code's ``groupwise_factors:
   old_weights: 0``; η keeps training). A fresh optimiser (the code builds one per task).
-- ``loss`` (replaces cross-entropy): the NCA loss with margin δ on the LSC (:func:`nca`), in
-  the form of the authors' ``losses.nca`` (``nca_form=code``, the default: bounded below, the
-  cross-entropy of the margined logits when the target scores highest) or the paper's
-  [−log(exp(η(ŷ_y − δ)) / Σ_{c≠y} exp(η ŷ_c))]₊ (``nca_form=paper``). η is learned and not
-  kept positive, as in the code (``FactorScalar``): on Split MNIST with an MLP (2 new classes
-  per experience) it falls through 0 and inverts the logits.
+- ``loss`` (replaces cross-entropy): the NCA loss on the LSC (:func:`nca`) in the form the
+  authors ran (``nca_form=code``, the default; ``inclearn/lib/losses/base.py::nca`` with the
+  options' ``exclude_pos_denominator: true`` and ``hinge_proxynca`` left false): z = η·(ŷ − δ)
+  for EVERY class (the code builds a target-only margin tensor but subtracts the scalar δ from
+  all similarities), shifted by the row maximum, the positive's term in the denominator exp(0):
+  the margin cancels, and the loss is the cross-entropy of η·ŷ when the target scores highest
+  (never negative, so the code's optional hinge would change nothing). η is the code's
+  ``FactorScalar`` (``postprocessor_config: learned_scaling, initial_value: 1``): learned, not
+  clamped, in the main optimiser with its learning rate and weight decay, fixed during the
+  finetuning. Its gradient raises it whenever the target scores highest, so it stays positive
+  (Split MNIST, MLP: 1 → 13.6). ``nca_form=hinge``: the margin taken off the target only, the
+  positive out of the denominator, hinged at 0, [log Σ_{c≠y} exp(η ŷ_c) − η(ŷ_y − δ)]₊: what
+  an earlier version of this module gave as the paper's equation, which could not be read here
+  (unverified); the code has no such form, and with it a missed margin lowers η on every
+  sample, η falls through 0 and the logits invert (Split MNIST: ~0 final accuracy).
 - ``penalty`` (from the second experience on): POD-spatial on the output of every stage of the
   backbone (:func:`~clrun.strategies.utils.stage_modules`) and POD-flat on the final embedding,
   against the model as it was before this experience (eval mode), each weighted
@@ -34,16 +43,19 @@ CosineClassifier` with ``proxies`` K per class): ŷ_c = Σ_k softmax_k(cos(h, θ
   second experience on, class-balanced finetuning (``finetune``): only the proxies (old and new;
   η and the backbone fixed, batch norm in eval mode) are trained with the NCA loss on the
   exemplars alone (every class the same share: the code's ``sampling: undersampling, tuning:
-  classifier``), SGD with momentum 0.9 at ``finetune_lr`` for ``finetune_epochs``; the class
+  classifier``), SGD with momentum 0.9 and weight decay at ``finetune_lr`` for
+  ``finetune_epochs``, no schedule (the code's ``finetuning_config``; its ±5 gradient clamp
+  stays on there, not here); the class
   means of the exemplars for ``classifier=nme``; the model becomes the next teacher.
-- ``predict``: ``classifier=cnn`` the LSC's logits (the paper's CIFAR-100 results, the code's
-  ``eval_type: cnn``), ``nme`` the nearest mean of exemplars.
+- ``predict``: ``classifier=cnn`` the LSC's logits η·ŷ (the code's ``eval_type: cnn``, which
+  takes ŷ before η: the same ranking while η > 0), ``nme`` the nearest mean of exemplars.
 
 Where the paper is silent: the authors' code (arthurdouillard/incremental_learning.pytorch,
 ``inclearn/models/podnet.py``, ``inclearn/lib/losses/distillation.py``,
-``inclearn/lib/network/classifiers.py``, ``options/podnet/podnet_cnn_cifar100.yaml``). The paper writes
-the similarity as the cosine; the code's ``neg_stable_cosine_distance``, −‖ĥ − θ̂‖² = 2·cos − 2,
-is the default (``similarity``). K-means: k-means++ seeding and Lloyd's iterations
+``inclearn/lib/losses/base.py``, ``inclearn/lib/network/classifiers.py``,
+``inclearn/lib/network/postprocessors.py``, ``options/podnet/podnet_cnn_cifar100.yaml``). The
+code's ``neg_stable_cosine_distance``, −‖ĥ − θ̂‖² = 2·cos − 2, is the default similarity
+(``similarity=cosine``: the cosine). K-means: k-means++ seeding and Lloyd's iterations
 (the code calls scikit-learn's KMeans), seeded by the run. Stages of the MLP and the small CNN
 are ours (see ``stage_modules``): the paper distils ResNet stages. Class-incremental only
 (``benchmark.scenario=class``, a single or incremental head; ``model=mlp``, ``cnn`` or a CIFAR
@@ -79,7 +91,7 @@ from clrun.strategies.utils import (
 
 __all__ = ["PODNet", "kmeans", "nca", "pod_flat", "pod_spatial"]
 
-NCA_FORMS = ("code", "paper")
+NCA_FORMS = ("code", "hinge")
 SIMILARITIES = ("neg_squared_distance", "cosine")
 
 
@@ -106,19 +118,20 @@ def pod_flat(old: Tensor, new: Tensor) -> Tensor:
 def nca(logits: Tensor, y: Tensor, margin: Tensor | float, form: str = "code") -> Tensor:
     """NCA loss with margin, averaged over samples: ``logits`` are η·ŷ, ``margin`` is η·δ.
 
-    ``paper`` (the paper's Eq. for the LSC): z = logits with the margin taken off the target only,
-    [log Σ_{c≠y} exp z_c − z_y]₊ (the positive out of the denominator, hinged at 0).
+    ``hinge`` (not in the authors' code; see the module docstring): z = logits with the margin
+    taken off the target only, [log Σ_{c≠y} exp z_c − z_y]₊ (the positive out of the denominator,
+    hinged at 0).
 
     ``code`` (what the authors ran, ``inclearn/lib/losses/base.py::nca`` with
     ``exclude_pos_denominator: true``, ``hinge_proxynca: false``): the code builds a per-target
     margin tensor but subtracts the scalar margin from EVERY similarity, z = η·(ŷ − δ), so the
     margin cancels in the shift by the row maximum M: (M − z_y) + log(1 + Σ_{c≠y} exp(z_c − M)),
     the cross-entropy of η·ŷ when the target scores highest (the positive's term in the
-    denominator is exp(0) = 1), no hinge. Its gradient raises η whenever the target scores
-    highest, so η stays positive; the paper's target-only margin instead lowers η on every sample
-    whose margin is not met, which on 2-class experiences drives η through 0."""
+    denominator is exp(0) = 1), never negative. Its gradient raises η whenever the target scores
+    highest, so η stays positive; a target-only margin instead lowers η on every sample whose
+    margin is not met, which on 2-class experiences drives η through 0."""
     rows = torch.arange(len(y), device=y.device)
-    if form == "paper":
+    if form == "hinge":
         z = logits.clone()
         z[rows, y] = z[rows, y] - margin
         neg = z.index_put((rows, y), torch.tensor(float("-inf"), device=z.device))
