@@ -58,7 +58,6 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "chaudhry2019",
         "douillard2020",
         "goswami2023",
-        "hou2019",
         "mcdonnell2023",
         "prabhu2020",
         "vandeven2018",
