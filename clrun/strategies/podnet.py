@@ -27,8 +27,9 @@ CosineClassifier` with ``proxies`` K per class): ŷ_c = Σ_k softmax_k(cos(h, θ
   (Split MNIST, MLP: 1 → 13.6). ``nca_form=hinge``: the margin taken off the target only, the
   positive out of the denominator, hinged at 0, [log Σ_{c≠y} exp(η ŷ_c) − η(ŷ_y − δ)]₊: what
   an earlier version of this module gave as the paper's equation, which could not be read here
-  (unverified); the code has no such form, and with it a missed margin lowers η on every
-  sample, η falls through 0 and the logits invert (Split MNIST: ~0 final accuracy).
+  (unverified); the code has no such form. A margin off the target only lowers η on every
+  sample that misses it: the earlier ``code`` form took it off the target only, and on Split
+  MNIST (MLP, SGD 0.1) η fell through 0, the logits inverted, final accuracy ~0.
 - ``penalty`` (from the second experience on): POD-spatial on the output of every stage of the
   backbone (:func:`~clrun.strategies.utils.stage_modules`) and POD-flat on the final embedding,
   against the model as it was before this experience (eval mode), each weighted
