@@ -56,6 +56,7 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
     assert papers == {
         "buzzega2020",
         "chaudhry2019",
+        "douillard2020",
         "goswami2023",
         "liang2024",
         "mcdonnell2023",

@@ -22,6 +22,8 @@ What lives where:
 - ``task_nets.py``: task-conditioned backbones that task-incremental strategies put in place of
   a plain ``mlp`` / ``cnn`` one (PNN's :class:`ProgressiveColumns`, HAT's :class:`HATGates`);
   ``CLModel`` passes them the task labels and rebuilds them when a checkpoint holds one.
+``cosine.py``: :class:`CosineClassifier`, the cosine / local-similarity head that LUCIR and
+PODNet put on a model (it survives resume and growth like the heads above).
 
 Parameter-efficient modules (prompts, adapters, LoRA) that strategies attach to a model go in
 ``peft.py``; the prompt pools of L2P, DualPrompt and CODA-Prompt in ``prompts.py``, registered
@@ -42,6 +44,7 @@ from clrun.models.backbones import (
     resnet32,
     torchvision_model,
 )
+from clrun.models.cosine import CosineClassifier
 from clrun.models.heads import (
     HEADS,
     MASKED,
@@ -66,6 +69,7 @@ __all__ = [
     "BasicBlock",
     "CLModel",
     "HATGates",
+    "CosineClassifier",
     "IncrementalClassifier",
     "MultiHeadClassifier",
     "ProgressiveColumns",

@@ -198,13 +198,15 @@ class CLModel(nn.Module):
         # Parameter-efficient modules a strategy attached during the run (clrun.models.peft)
         # are re-attached from their saved description before their weights load; a
         # task-conditioned backbone a strategy put in place (clrun.models.task_nets), a backbone a
-        # strategy expanded (Dynamic DER, MEMO: clrun.models.expandable) and a backbone a
+        # strategy expanded (Dynamic DER, MEMO: clrun.models.expandable), a cosine head that
+        # replaced the head from config (LUCIR, PODNet: clrun.models.cosine) and a backbone a
         # strategy grew (GROWN) are rebuilt into their saved shape the same way.
-        from clrun.models import expandable, peft, task_nets
+        from clrun.models import cosine, expandable, peft, task_nets
 
         peft.restore(self, state_dict, prefix)
         task_nets.restore(self, state_dict, prefix)
         expandable.restore(self, state_dict, prefix)
+        cosine.restore_head(self, state_dict, prefix)
         extra = state_dict.get(prefix + "backbone._extra_state")
         kind = extra.get("grown") if isinstance(extra, dict) else None
         if kind in GROWN and getattr(self.backbone, "grown", None) != kind:

@@ -27,11 +27,13 @@ from clrun.strategies.hat import HAT
 from clrun.strategies.icarl import ICaRL
 from clrun.strategies.inflora import InfLoRA
 from clrun.strategies.l2p import L2P
+from clrun.strategies.lucir import LUCIR
 from clrun.strategies.lwf import LwF
 from clrun.strategies.mas import MAS
 from clrun.strategies.memo import MEMO
 from clrun.strategies.packnet import PackNet
 from clrun.strategies.pnn import PNN
+from clrun.strategies.podnet import PODNet
 from clrun.strategies.ranpac import RanPAC
 from clrun.strategies.replay import Replay
 from clrun.strategies.rwalk import RWalk
@@ -56,6 +58,8 @@ __all__ = [
     "MAS",
     "PNN",
     "MEMO",
+    "LUCIR",
+    "PODNet",
     "SI",
     "SLCA",
     "WA",

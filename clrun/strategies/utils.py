@@ -22,12 +22,16 @@ semantics (grown heads, eval mode, batching, seeded augmentation) as the built-i
 - :func:`strong_augment`, X-DER's SimCLR-style augmentation as batched tensor operations;
 - :func:`class_balanced_subset`: every class cut at random to the size of the smallest
   (undersampling: Dynamic DER's classifier learning stage).
+- intermediate features: :func:`stage_modules` (what a backbone's "stages" are) and
+  :class:`FeatureTap` (their latest outputs, through forward hooks); :func:`train_params`, a
+  short training of chosen parameters on given samples (class-balanced finetuning).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -43,6 +47,7 @@ from clrun.features import frozen_features
 from clrun.models import MASKED, old_part
 
 __all__ = [
+    "FeatureTap",
     "add_quadratic_grad",
     "anchor_of",
     "backbone_features",
@@ -64,6 +69,8 @@ __all__ = [
     "strong_augment",
     "sum_per_sample_grads",
     "with_memory",
+    "stage_modules",
+    "train_params",
     "write_grad",
 ]
 
@@ -524,3 +531,106 @@ def class_balanced_subset(y: Tensor, generator: torch.Generator) -> Tensor:
         idx = torch.nonzero(y == c).flatten()
         picked.append(idx[torch.randperm(len(idx), generator=generator)[:m].to(idx.device)])
     return torch.cat(picked)
+
+
+# ------------------------------------------------------------------ intermediate features
+
+
+def stage_modules(backbone: nn.Module, what: str) -> list[nn.Module]:
+    """The modules whose outputs are the backbone's stages, first to last: the CIFAR ResNets'
+    stages of residual blocks (``model=resnet18/resnet18_reduced/resnet32``); the ``cnn``'s
+    conv stages (each ends in its max-pool); the ``mlp``'s hidden layers (each ends in its
+    activation, before any dropout: a hidden layer of width d is a d-channel 1×1 map). Any other backbone: a one-line error."""
+    from clrun.errors import ConfigError
+    from clrun.models import ResNet
+
+    if isinstance(backbone, ResNet):
+        return list(backbone.stages)
+    if isinstance(backbone, nn.Sequential):
+        layers = list(backbone)
+        if layers and isinstance(layers[0], nn.Flatten):  # mlp: what precedes the next Linear
+            linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+            ends = [i - 1 for i in linear[1:]] + [len(layers) - 1] if linear else []
+            stages = []
+            for end in ends:
+                while isinstance(layers[end], nn.Dropout):
+                    end -= 1
+                stages.append(layers[end])
+        else:  # cnn
+            stages = [m for m in layers if isinstance(m, nn.MaxPool2d)]
+        if stages:
+            return stages
+    raise ConfigError(
+        f"{what} distils the outputs of the backbone's stages: {type(backbone).__name__} has none "
+        "it knows; use model=mlp, cnn, resnet32, resnet18 or resnet18_reduced"
+    )
+
+
+class FeatureTap:
+    """The latest output of chosen submodules, kept by forward hooks (per module, weakly: a
+    module that goes keeps nothing alive). A deep copy of a hooked model (a teacher) keeps
+    hooks into this same tap, each writing under its own module."""
+
+    def __init__(self):
+        self.outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def watch(self, modules: Iterable[nn.Module]) -> None:
+        for m in modules:
+            if not any(getattr(h, "__self__", None) is self for h in m._forward_hooks.values()):
+                m.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple, out) -> None:
+        self.outputs[module] = out
+
+    def __getitem__(self, module: nn.Module):
+        return self.outputs[module]
+
+    def __deepcopy__(self, memo: dict) -> FeatureTap:
+        return self  # a copied model's hooks write here, under the copy's modules
+
+
+def train_params(
+    state: RunState,
+    samples: Experience,
+    params: list[nn.Parameter],
+    loss: Callable[[Tensor, Experience], Tensor],
+    epochs: int,
+    lr: float,
+    generator: torch.Generator,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    milestones: Iterable[int] = (),
+    gamma: float = 0.1,
+) -> None:
+    """Train only ``params`` on ``samples`` for ``epochs`` passes of ``state.batch_size`` in an
+    order drawn from ``generator``, with SGD of its own (``lr`` times ``gamma`` at each milestone
+    epoch), batch norm in eval mode (its statistics stay as they are): the class-balanced
+    finetuning of LUCIR and PODNet. ``loss(x, batch)`` gets the prepared (augmented) input. The
+    parameters' ``requires_grad`` and the optimiser's gradients are left as they were."""
+    model, n, bs = state.model, len(samples), state.batch_size
+    was_training, grads_on = model.training, [p.requires_grad for p in params]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps = set(milestones)
+    for epoch in range(epochs):
+        if epoch in steps:
+            for g in opt.param_groups:
+                g["lr"] *= gamma
+        order = torch.randperm(n, generator=generator).to(samples.y.device)
+        for i in range(0, n, bs):
+            batch = samples.subset(order[i : i + bs])
+            x = state.model_input(batch.x, batch.e, train=True)
+            with state.autocast():
+                value = loss(x, batch)
+            for p, g in zip(params, torch.autograd.grad(value, params), strict=True):
+                p.grad = g
+            opt.step()
+    for p, on in zip(params, grads_on, strict=True):
+        p.grad = None
+        p.requires_grad_(on)
+    model.train(was_training)
