@@ -471,7 +471,7 @@ def test_xder_past_constraint_lifts_the_present_head_and_predict_masks_other_tas
 
 
 def test_strong_augmentation_is_seeded_keeps_shape_and_range():
-    from clrun.strategies.utils import _shift_hue, strong_augment
+    from clrun.strategies.augment import _shift_hue, strong_augment
 
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     a = strong_augment(x, torch.Generator().manual_seed(1))
