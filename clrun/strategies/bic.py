@@ -66,7 +66,7 @@ from clrun.buffers import Buffer
 from clrun.checks import int_at_least, number_above, number_at_least, require
 from clrun.components import RunState
 from clrun.strategies.utils import (
-    frozen_copy,
+    Teacher,
     offer,
     piece,
     require_class_il,
@@ -155,8 +155,7 @@ class BiC:
         # one frozen (α, β) per past experience, on that experience's new classes (PyCIL's
         # bias_layers): {"alpha": Tensor, "beta": Tensor, "classes": list[int]}
         self.corrections: list[dict] = []
-        self.teacher: nn.Module | None = None
-        self._saved_teacher: dict | None = None
+        self.teacher = Teacher()
         self._units: Tensor | None = None  # seen classes: old, then new
         self._validation: Experience | None = None  # the held-out samples of this experience
 
@@ -189,7 +188,7 @@ class BiC:
         pos[units] = torch.arange(len(units), device=out.device)
         ce = F.cross_entropy(out[:, units], pos[batch.y])
         n_old = len(self.old_classes)
-        teacher = self._teacher(state)
+        teacher = self.teacher.get(state.model)
         if teacher is None or n_old == 0:
             return ce
         with torch.no_grad():
@@ -228,7 +227,7 @@ class BiC:
         self.old_classes = self.old_classes + new
         self._validation = None
         offer(self.buffer, state, exp)
-        self.teacher, self._saved_teacher = frozen_copy(state.model), None
+        self.teacher.take(state.model)
 
     @torch.no_grad()
     def _logits(self, state: RunState, samples: Experience, batch_size: int = 256) -> Tensor:
@@ -254,21 +253,14 @@ class BiC:
     def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
         return self.corrected(state.model(x, t))
 
-    def _teacher(self, state: RunState) -> nn.Module | None:
-        if self._saved_teacher is not None:
-            self.teacher = frozen_copy(state.model, self._saved_teacher)
-            self._saved_teacher = None
-        return self.teacher
-
     def state_dict(self) -> dict:
-        teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
         return {
             "old_classes": list(self.old_classes),
             "corrections": [dict(c, classes=list(c["classes"])) for c in self.corrections],
-            "teacher": teacher,
+            "teacher": self.teacher.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
         self.corrections = [dict(c, classes=list(c["classes"])) for c in state["corrections"]]
-        self.teacher, self._saved_teacher = None, state["teacher"]
+        self.teacher.load_state_dict(state["teacher"])

@@ -58,8 +58,8 @@ from clrun.errors import ConfigError
 from clrun.models.cosine import CosineClassifier, use_cosine_head
 from clrun.strategies.utils import (
     FeatureTap,
+    Teacher,
     backbone_features,
-    frozen_copy,
     nearest_mean_logits,
     offer,
     train_params,
@@ -168,8 +168,7 @@ class LUCIR:
         self.lam = 0.0  # the current experience's less-forget weight
         self.class_means: Tensor | None = None
         self.has_mean: Tensor | None = None
-        self.teacher: torch.nn.Module | None = None
-        self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
+        self.teacher = Teacher()
         self.tap = FeatureTap()  # the backbone's output in the runner's forward pass
 
     def train_data(self, state: RunState, exp: Experience) -> Experience:
@@ -196,7 +195,7 @@ class LUCIR:
         state.reset_optimizer = True  # a fresh optimiser per experience, over the grown head
 
     def penalty(self, state: RunState, batch: Experience, x: Tensor, out: Tensor):
-        teacher = self._teacher(state)
+        teacher = self.teacher.get(state.model)
         if teacher is None:
             return None
         head = state.model.head
@@ -232,31 +231,24 @@ class LUCIR:
                 weight_decay=self.finetune_wd,
                 milestones=self.finetune_milestones,
             )
-        self.teacher, self._saved_teacher = frozen_copy(state.model), None
+        self.teacher.take(state.model)
 
     def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
         if self.classifier == "cnn" or self.class_means is None:
             return state.model(x, t)
         return nearest_mean_logits(state.model.backbone(x), self.class_means, self.has_mean)
 
-    def _teacher(self, state: RunState):
-        if self._saved_teacher is not None:
-            self.teacher = frozen_copy(state.model, self._saved_teacher)
-            self._saved_teacher = None
-        return self.teacher
-
     def state_dict(self) -> dict:
-        teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
         return {
             "generator": self.generator.get_state(),
             "lam": self.lam,
             "class_means": self.class_means,
             "has_mean": self.has_mean,
-            "teacher": teacher,
+            "teacher": self.teacher.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.lam = float(state["lam"])
         self.class_means, self.has_mean = state["class_means"], state["has_mean"]
-        self.teacher, self._saved_teacher = None, state["teacher"]
+        self.teacher.load_state_dict(state["teacher"])

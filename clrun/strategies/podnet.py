@@ -83,7 +83,7 @@ from clrun.strategies.lucir import (
 )
 from clrun.strategies.utils import (
     FeatureTap,
-    frozen_copy,
+    Teacher,
     nearest_mean_logits,
     offer,
     stage_modules,
@@ -216,8 +216,7 @@ class PODNet:
         self.factor = 1.0  # √(classes seen / new classes) of the current experience
         self.class_means: Tensor | None = None
         self.has_mean: Tensor | None = None
-        self.teacher: torch.nn.Module | None = None
-        self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
+        self.teacher = Teacher()
         self.tap = FeatureTap()  # stage outputs and embeddings of the model and the teacher
 
     def train_data(self, state: RunState, exp: Experience) -> Experience:
@@ -291,8 +290,7 @@ class PODNet:
                 weight_decay=self.finetune_wd,
             )
         self.class_means, self.has_mean = exemplar_means(state, self.buffer)
-        self.teacher, self._saved_teacher = frozen_copy(state.model), None
-        self.tap.watch([*stage_modules(self.teacher.backbone, "PODNet"), self.teacher.backbone])
+        self._watch(self.teacher.take(state.model))
 
     def predict(self, state: RunState, x: Tensor, t: Tensor) -> Tensor:
         if self.classifier == "cnn" or self.class_means is None:
@@ -300,24 +298,25 @@ class PODNet:
         return nearest_mean_logits(state.model.backbone(x), self.class_means, self.has_mean)
 
     def _teacher(self, state: RunState):
-        if self._saved_teacher is not None:
-            self.teacher = frozen_copy(state.model, self._saved_teacher)
-            self._saved_teacher = None
-            self.tap.watch([*stage_modules(self.teacher.backbone, "PODNet"), self.teacher.backbone])
-        return self.teacher
+        teacher = self.teacher.get(state.model)
+        if self.teacher.rebuilt:  # after a resume: tap the rebuilt copy's stages
+            self._watch(teacher)
+        return teacher
+
+    def _watch(self, teacher: torch.nn.Module) -> None:
+        self.tap.watch([*stage_modules(teacher.backbone, "PODNet"), teacher.backbone])
 
     def state_dict(self) -> dict:
-        teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
         return {
             "generator": self.generator.get_state(),
             "factor": self.factor,
             "class_means": self.class_means,
             "has_mean": self.has_mean,
-            "teacher": teacher,
+            "teacher": self.teacher.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.factor = float(state["factor"])
         self.class_means, self.has_mean = state["class_means"], state["has_mean"]
-        self.teacher, self._saved_teacher = None, state["teacher"]
+        self.teacher.load_state_dict(state["teacher"])

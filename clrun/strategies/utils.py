@@ -48,6 +48,7 @@ from clrun.strategies.augment import strong_augment
 
 __all__ = [
     "FeatureTap",
+    "Teacher",
     "add_quadratic_grad",
     "anchor_of",
     "backbone_features",
@@ -526,3 +527,34 @@ def train_params(
         p.grad = None
         p.requires_grad_(on)
     model.train(was_training)
+
+
+# ------------------------------------------------------------------ a distillation teacher
+
+
+class Teacher:
+    """A frozen copy of the model that a component distils from (BiC, WA, LUCIR, PODNet), saved
+    with the component. ``take(model)`` copies the model; after a resume the copy is rebuilt from
+    its saved weights on the first ``get(model)`` (the model then has its grown shape), and
+    ``rebuilt`` says that this call rebuilt it (for hooks to re-register)."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self._saved: dict | None = None  # loaded from a checkpoint, built on first use
+        self.rebuilt = False
+
+    def take(self, model: nn.Module) -> nn.Module:
+        self.model, self._saved = frozen_copy(model), None
+        return self.model
+
+    def get(self, model: nn.Module) -> nn.Module | None:
+        self.rebuilt = self._saved is not None
+        if self.rebuilt:
+            self.model, self._saved = frozen_copy(model, self._saved), None
+        return self.model
+
+    def state_dict(self) -> dict | None:
+        return self.model.state_dict() if self.model is not None else self._saved
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        self.model, self._saved = None, saved

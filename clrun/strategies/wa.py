@@ -49,7 +49,7 @@ from clrun.checks import boolean, number_above, require
 from clrun.components import RunState
 from clrun.models import IncrementalClassifier, SingleHead
 from clrun.strategies.utils import (
-    frozen_copy,
+    Teacher,
     offer,
     require_class_il,
     soft_cross_entropy,
@@ -93,8 +93,7 @@ class WA:
         self.temperature = float(require("WA temperature", temperature, number_above(0)))
         self.clip_weights = require("WA clip_weights", clip_weights, boolean())
         self.old_classes: list[int] = []
-        self.teacher: nn.Module | None = None
-        self._saved_teacher: dict | None = None  # loaded from a checkpoint, built on first use
+        self.teacher = Teacher()
         self._units: Tensor | None = None  # seen classes: old, then new
         self.last_gamma: float | None = None  # γ of the last alignment (for the tests and logs)
 
@@ -109,7 +108,7 @@ class WA:
         pos = torch.full((out.shape[1],), -1, dtype=torch.long, device=out.device)
         pos[units] = torch.arange(len(units), device=out.device)
         ce = F.cross_entropy(out[:, units], pos[batch.y])
-        teacher = self._teacher(state)
+        teacher = self.teacher.get(state.model)
         n_old = len(self.old_classes)
         if teacher is None or n_old == 0:
             return ce
@@ -133,18 +132,11 @@ class WA:
             self.last_gamma = align_weights(linear, old_rows, new_rows)
         self.old_classes = self.old_classes + new
         offer(self.buffer, state, exp)
-        self.teacher, self._saved_teacher = frozen_copy(state.model), None
-
-    def _teacher(self, state: RunState) -> nn.Module | None:
-        if self._saved_teacher is not None:
-            self.teacher = frozen_copy(state.model, self._saved_teacher)
-            self._saved_teacher = None
-        return self.teacher
+        self.teacher.take(state.model)
 
     def state_dict(self) -> dict:
-        teacher = self.teacher.state_dict() if self.teacher is not None else self._saved_teacher
-        return {"teacher": teacher, "old_classes": list(self.old_classes)}
+        return {"teacher": self.teacher.state_dict(), "old_classes": list(self.old_classes)}
 
     def load_state_dict(self, state: dict) -> None:
         self.old_classes = list(state["old_classes"])
-        self.teacher, self._saved_teacher = None, state["teacher"]
+        self.teacher.load_state_dict(state["teacher"])
