@@ -41,10 +41,8 @@ TASK_IL = ("benchmark.scenario=task", "model.head=multi")
 # blocks 0-4 need a ViT of at least 5 blocks).
 # LUCIR's learned scale σ starts at 1 (logits are cosines): with the default Adam at 0.001 it
 # grows too slowly for a 2-epoch run; the paper's SGD (0.1, momentum 0.9) learns it.
-PAPER_SGD = ("optimizer=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9")
 STRATEGY_ARGS: dict[str, tuple[str, ...]] = {
     "ranpac": ("strategy.M=1000",),
-    "lucir": PAPER_SGD,
     # FOSTER's 130 compression epochs per experience take a minute on one thread
     "foster": ("strategy.compression_epochs=2",),
     # InfLoRA trains each experience's units with the cross-entropy over its own classes (the

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import PAPER_SGD
+from conftest import make_cfg
 from torch import nn
 
 import clrun
@@ -198,7 +198,7 @@ def test_kmeans_finds_separated_clusters():
 
 
 def test_lucir_keeps_old_class_weights_fixed_and_reloads(run_debug):
-    summary, run_dir = run_debug("strategy=lucir", *PAPER_SGD, "checkpoint.keep=every_experience")
+    summary, run_dir = run_debug("strategy=lucir", "checkpoint.keep=every_experience")
     assert summary["status"] == "completed"
     kept = [torch.load(model_file(run_dir, i), weights_only=True)["model"] for i in (3, 4)]
     before, after = ({k[5:]: v for k, v in m.items() if k.startswith("head.")} for m in kept)
@@ -219,7 +219,7 @@ def test_podnet_scale_stays_positive_and_every_experience_is_learnt(run_debug, t
     # noisy classes (pixel noise 200 of 255), so that the margin is often missed: with the
     # target-only margin η ends experience 0 at −3.6 and the diagonal starts at 0.51
     overrides = ("checkpoint.keep=every_experience", "benchmark.noise=200")
-    summary, run_dir = run_debug("strategy=podnet", *PAPER_SGD, *overrides)
+    summary, run_dir = run_debug("strategy=podnet", *overrides)
     assert summary["status"] == "completed"
     scales = [
         torch.load(model_file(run_dir, i), weights_only=True)["model"]["head.scale"].item()
@@ -229,6 +229,22 @@ def test_podnet_scale_stays_positive_and_every_experience_is_learnt(run_debug, t
     rows = (run_dir / "acc_matrix.csv").read_text().splitlines()[1:]
     diag = [float(r.split(",")[i]) for i, r in enumerate(rows)]
     assert min(diag) > 0.6, diag  # each experience learnt right after training on it (0.70)
+
+
+@pytest.mark.parametrize("strategy", ["lucir", "podnet"])
+def test_the_papers_sgd_is_chosen_and_the_command_line_wins(strategy):
+    # the strategy's YAML overrides the optimizer group (it comes after it in the defaults list)
+    cfg = make_cfg(f"strategy={strategy}")
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.momentum) == (
+        "torch.optim.SGD",
+        0.1,
+        0.9,
+    )
+    assert cfg.optimizer.weight_decay == 5e-4
+    assert make_cfg(f"strategy={strategy}", "optimizer=adam").optimizer._target_ == (
+        "torch.optim.Adam"
+    )
+    assert make_cfg(f"strategy={strategy}", "optimizer.lr=0.05").optimizer.lr == 0.05
 
 
 @pytest.mark.parametrize("strategy", ["lucir", "podnet"])
