@@ -39,7 +39,9 @@ dtype); ``x`` is the prepared model input and ``out`` the logits. Components nev
 loop, the data order or the optimiser. The model itself grows (new heads or units) in the runner
 right after ``pre_update``; the optimiser is then rebuilt, keeping the state of parameters that
 survived. A ``pre_update`` that resets the model sets ``state.reset_optimizer = True`` to get a
-fresh optimiser as well.
+fresh optimiser as well; so does a ``post_update`` that replaces the model's parameters (FOSTER's
+compression), and the runner rebuilds the optimiser right after ``post_update``, before the
+checkpoint.
 
 A run resumed inside an experience calls ``train_data`` again but not ``pre_update``: ``train_data``
 must give the same data when called twice, and whatever ``pre_update`` sets up must be in the
@@ -98,7 +100,9 @@ class RunState:
     lr_schedule: object | None = None  # sets the optimiser's rate at each epoch (clrun.schedules)
     experience: int = 0  # index of the experience being trained on
     step: int = 0  # optimiser steps taken so far in the whole run
-    reset_optimizer: bool = False  # set in pre_update to get a fresh optimiser (then cleared)
+    reset_optimizer: bool = (
+        False  # set in pre_update / post_update: a fresh optimiser (then cleared)
+    )
     precision: str = "fp32"  # fp32 | bf16: the forward pass and loss run under autocast
     channels_last: bool = False  # image inputs in channels-last memory format
     buffer: object | None = None  # the run's replay buffer, if a component uses it

@@ -189,6 +189,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict | None = None) -> dict:
                 )
                 for hook in components["post_update"]:
                     hook(state, exp)
+                if state.reset_optimizer:  # a post_update replaced the model (FOSTER's compression)
+                    state.optimizer = adapt(model, data, state.optimizer, make_optimizer, True)
+                    state.reset_optimizer = False
                 work.add(steps, samples, losses, time.perf_counter() - t0)
                 logger.log_steps(state.step - steps, losses)
             position = None

@@ -181,3 +181,19 @@ def test_foster_compressed_model_has_the_original_size(run_debug):
     assert summary["status"] == "completed"
     naive = json.loads((naive_dir / "summary.json").read_text())["params_per_experience"]
     assert summary["params_per_experience"] == naive
+
+
+class SlowHead:
+    """A component that only asks for a slower head (lr_scales): the run's optimiser factory."""
+
+    lr_scales = {"head.": 0.5}
+
+
+def test_foster_compression_rebuilds_the_runs_optimiser(run_debug):
+    # after compression the optimiser is the run's (its parameter groups, the head at × 0.5),
+    # as a resumed run rebuilds it (it was rebuilt with the optimiser's class alone: one group)
+    slow = f"+strategy.components.slow._target_={__name__}.SlowHead"
+    summary, run_dir = run_debug("strategy=foster", "strategy.compression_epochs=1", slow)
+    assert summary["status"] == "completed"
+    saved = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["optimizer"]
+    assert [g["lr_scale"] for g in saved["param_groups"]] == [1.0, 0.5]

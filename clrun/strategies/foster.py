@@ -32,8 +32,8 @@ changes:
   an epoch) on the balanced KD: the teacher's (the boosting network's, eval mode) softened
   probabilities multiplied by the class-balanced weights of β2 and renormalised, against the
   student's log-softmax at T. The student then replaces the boosting network in the model (so the
-  model keeps its original size after every experience), the runner's optimiser is rebuilt over
-  it (same class and settings) so that the checkpoint matches the model, and the experience is
+  model keeps its original size after every experience), the runner rebuilds its optimiser over
+  it (``state.reset_optimizer``) so that the checkpoint matches the model, and the experience is
   offered to the buffer (herding on the student's features).
 
 Where the paper is silent we follow PyCIL (G-U-N/PyCIL, models/foster.py, exps/foster.json and
@@ -278,8 +278,7 @@ class FOSTER:
                 opt.step()
         model.backbone, model.head = student.backbone, student.head
         model.train()
-        old = state.optimizer  # same class and settings over the compressed model
-        state.optimizer = type(old)(model.parameters(), **old.defaults)
+        state.reset_optimizer = True  # the run's optimiser over the compressed model
 
     def state_dict(self) -> dict:
         return {"old_classes": list(self.old_classes), "generator": self.generator.get_state()}
