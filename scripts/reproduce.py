@@ -27,11 +27,17 @@ line the tests check, with its source on the next:
 
 (``<metric of summary.json> <mean> ± <spread> % (s.e.m.|std|c.i. over <n> seeds)``; ``c.i.``: the
 paper prints a 95 % confidence interval of the mean, read as 1.96 s.e.m.; a source that could not
-be checked says ``unverified``). The runner never reads it; the config stays free of keys that no
-code reads. Our numbers live in the paper's results record, ``conf/experiment/<paper>/README.md``.
+be checked says ``unverified``). Where no text giving the paper's number could be read, the line
+says so instead of holding a number, and its source line says what was looked at:
+
+    # published: avg_incremental_acc none
+    # source: no readable table gives the number (...)
+
+Such a preset runs and is tabulated without a verdict. The runner never reads these lines; the
+config stays free of keys that no code reads. Our numbers live in the paper's results record, ``conf/experiment/<paper>/README.md``.
 ``--check`` (runs nothing) reads every record's tables and exits 1, listing the mismatches,
 unless each row names an existing preset, shows exactly the published mean ± spread of that
-preset's header (so the two cannot drift), says ``unverified source`` in its verdict where the
+preset's header, or ``none`` where the header has no number (so the two cannot drift), says ``unverified source`` in its verdict where the
 header's source is unverified, and every preset has exactly one row in its paper's record.
 
 Verdict. The difference is compared with its standard error: the published s.e.m. combined with
@@ -63,6 +69,8 @@ PUBLISHED = re.compile(
     r"\((?P<kind>s\.e\.m\.|std|c\.i\.) over (?P<n>\d+) seeds\)\s*$",
     re.MULTILINE,
 )
+# a preset whose paper gives no number that could be read: the metric it would be compared on
+NO_NUMBER = re.compile(r"^# published: (?P<metric>\w+) none\s*$", re.MULTILINE)
 # the "# source:" line right under the published one, with its continuation comment lines
 SOURCE = re.compile(r"\A\s*^# source: (?P<text>.*(?:\n# .*)*)", re.MULTILINE)
 # --quick: overrides applied when the preset's composed config has the key
@@ -77,11 +85,11 @@ QUICK = {
 @dataclass
 class Published:
     metric: str  # a field of summary.json
-    mean: float  # as a fraction, like summary.json
-    spread: float  # the published ± (fraction)
-    kind: str  # "s.e.m." | "std" | "c.i." (a 95 % confidence interval of the mean)
-    n: int  # seeds behind the published number
-    as_written: str = ""  # "<mean> ± <spread>" exactly as the header writes it (in %)
+    mean: float | None  # as a fraction, like summary.json; None: "none", no number could be read
+    spread: float = 0.0  # the published ± (fraction)
+    kind: str = "std"  # "s.e.m." | "std" | "c.i." (a 95 % confidence interval of the mean)
+    n: int = 1  # seeds behind the published number
+    as_written: str = ""  # "<mean> ± <spread>" exactly as the header writes it (in %), or "none"
     source: str = ""  # the header's "# source:" text ("" if it has none)
 
     @property
@@ -97,9 +105,11 @@ class Published:
     @property
     def unverified(self) -> bool:
         """Whether the header says its source could not be checked against the paper."""
-        return "unverified" in self.source
+        return self.mean is not None and "unverified" in self.source
 
     def text(self) -> str:
+        if self.mean is None:
+            return "none"
         return f"{100 * self.mean:.2f} ± {100 * self.spread:.2f} ({self.kind}, n={self.n})"
 
 
@@ -123,10 +133,16 @@ def published(preset: str) -> Published:
     text = header(preset)
     m = PUBLISHED.search(text)
     if m is None:
-        raise ValueError(
-            f"conf/experiment/{preset}.yaml has no line '# published: <metric> <mean> ± <spread> "
-            "% (s.e.m.|std|c.i. over <n> seeds)'"
-        )
+        none = NO_NUMBER.search(text)
+        source = SOURCE.search(text[none.end() :]) if none else None
+        if source is None:
+            raise ValueError(
+                f"conf/experiment/{preset}.yaml has no line '# published: <metric> <mean> ± "
+                "<spread> % (s.e.m.|std|c.i. over <n> seeds)', nor '# published: <metric> none' "
+                "with a '# source:' line under it saying what was looked at"
+            )
+        text = " ".join(source["text"].replace("\n# ", " ").split())
+        return Published(metric=none["metric"], mean=None, as_written="none", source=text)
     scale = 0.01 if m["pct"] else 1.0
     source = SOURCE.search(text[m.end() :])
     return Published(
@@ -250,14 +266,16 @@ def table(results: dict[str, list[float]], failed: dict[str, int], quick: bool) 
             continue
         std = f"{100 * statistics.stdev(values):.2f}" if len(values) >= 2 else "–"
         ours = f"{100 * statistics.fmean(values):.2f} ± {std} (n={len(values)})"
-        diff, v = verdict(values, pub)
+        if pub.mean is None:  # the paper's number could not be read: nothing to compare with
+            difference, v = "", "no published number"
+        else:
+            diff, v = verdict(values, pub)
+            difference = f"{100 * diff:+.2f}"
         if quick:
             v = "quick (smoke check, not comparable)"
         if failed.get(preset):
             v += f"; {failed[preset]} run(s) failed"
-        lines.append(
-            f"| {preset} | {pub.metric} | {ours} | {pub.text()} | {100 * diff:+.2f} | {v} |"
-        )
+        lines.append(f"| {preset} | {pub.metric} | {ours} | {pub.text()} | {difference} | {v} |")
     return "\n".join(lines) + "\n\nAll accuracies in %; spreads as published.\n"
 
 

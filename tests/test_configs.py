@@ -22,11 +22,13 @@ from clrun.config import ConfigError, build, build_model, validate
 SYNTHETIC_LACKS = {
     f"chaudhry2019/{m}": "train_samples_per_experience"
     for m in ("agem", "ewc", "mas", "rwalk", "van")
-} | {  # the 50-class first experience of the PODNet CIFAR-100 protocol
+} | {  # the 50-class first experience of the PODNet and LUCIR CIFAR-100 protocols
     p: "first_experience_classes"
     for p in (
         "douillard2020/cifar_b50_5steps_podnet",
         "douillard2020/cifar_b50_10steps_podnet",
+        "hou2019/cifar_b50_5steps_lucir",
+        "hou2019/cifar_b50_10steps_lucir",
     )
 }
 

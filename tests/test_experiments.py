@@ -46,9 +46,12 @@ def test_preset_header_names_its_command_and_published_number(preset):
     assert f"clrun experiment={preset}\n" in header, "the header must give the exact command"
     pub = reproduce.published(preset)
     assert pub.metric in {"final_avg_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt"}
+    assert pub.source, "the published number names its source on a '# source:' line under it"
+    if pub.mean is None:  # "# published: <metric> none": no text giving the number could be read
+        assert reproduce.NO_NUMBER.search(header) and pub.as_written == "none"
+        return
     assert 0 <= pub.mean <= 1 and pub.spread >= 0 and pub.n >= 1
     assert reproduce.PUBLISHED.search(header), "the published line belongs to the header"
-    assert pub.source, "the published number names its source on a '# source:' line under it"
 
 
 def test_presets_live_one_folder_per_paper_with_protocol_and_record():
@@ -58,6 +61,7 @@ def test_presets_live_one_folder_per_paper_with_protocol_and_record():
         "chaudhry2019",
         "douillard2020",
         "goswami2023",
+        "hou2019",
         "liang2024",
         "mcdonnell2023",
         "prabhu2020",
@@ -104,23 +108,44 @@ def test_check_lists_every_kind_of_mismatch(tmp_path, monkeypatch, capsys):
     (paper / "a.yaml").write_text(head.format("a") + pub + src.format(""))
     (paper / "b.yaml").write_text(head.format("b") + pub + src.format("unverified: "))
     (paper / "c.yaml").write_text(head.format("c") + pub + src.format(""))
+    # no number could be read: the record must show "none", not a number
+    none = "# published: avg_incremental_acc none\n"
+    (paper / "d.yaml").write_text(head.format("d") + none + src.format("unverified: "))
+    (paper / "e.yaml").write_text(head.format("e") + none + src.format(""))
     (paper / "protocol_x.yaml").write_text("# @package _global_\n")
     (paper / "README.md").write_text(
         "| preset | ours | published (± std) | verdict |\n| --- | --- | --- | --- |\n"
         "| `paper2000/a` | 50.1 ± 0.3 (3) | 50.00 ± 1.10 | ✓ |\n"
         "| `paper2000/b` | 50.1 ± 0.3 (3) | 50.00 ± 1.00 | ✓ |\n"
         "| `paper2000/gone` | 50.1 ± 0.3 (3) | 50.00 ± 1.00 | ✓ |\n"
+        "| `paper2000/d` | 50.1 ± 0.3 (3) | 50.00 ± 1.00 | ✓ |\n"
+        "| `paper2000/e` | 50.1 ± 0.3 (3) | none | no published number |\n"
     )
     monkeypatch.setattr(reproduce, "PRESETS", tmp_path)
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
-    assert reproduce.presets() == ["paper2000/a", "paper2000/b", "paper2000/c"]
+    presets = ["paper2000/a", "paper2000/b", "paper2000/c", "paper2000/d", "paper2000/e"]
+    assert reproduce.presets() == presets
     problems = "\n".join(reproduce.check_records())
     assert "paper2000/a shows published '50.00 ± 1.10', its header says '50.00 ± 1.00'" in problems
     assert "paper2000/b's source is unverified" in problems
     assert "paper2000/gone is not a preset" in problems
     assert "paper2000/c: one row expected in its paper's README.md, found no row" in problems
+    assert "paper2000/d shows published '50.00 ± 1.00', its header says 'none'" in problems
+    assert "paper2000/e" not in problems
+    pub = reproduce.published("paper2000/e")
+    assert pub.mean is None and pub.metric == "avg_incremental_acc" and pub.source
+    assert not reproduce.published("paper2000/d").unverified  # no number: nothing to verify
+    row = reproduce.table({"paper2000/e": [0.5, 0.52]}, {}, quick=False).splitlines()[2]
+    assert (
+        row
+        == "| paper2000/e | avg_incremental_acc | 51.00 ± 1.41 (n=2) | none |  | no published number |"
+    )
     assert reproduce.main(["--check"]) == 1
     assert "mismatch" in capsys.readouterr().err
+    # "none" without a source line saying what was looked at is refused
+    (paper / "e.yaml").write_text(head.format("e") + none + "defaults:\n  - _self_\n")
+    with pytest.raises(ValueError, match="none' with a '# source:' line"):
+        reproduce.published("paper2000/e")
 
 
 def test_vandeven2022_presets_share_the_protocol():
