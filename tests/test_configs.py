@@ -78,7 +78,7 @@ def test_every_option_composes_with_debug(group, option):
             assert model(x).shape == (4, benchmark.n_classes)  # small inputs pass through
 
 
-SLOW_MODELS = ("resnet18", "mobilenet_v1")
+SLOW_MODELS = ("resnet18", "mobilenet_v1", "torchvision")  # 5-30 s each: the slow suite
 MODELS = [pytest.param(m, marks=[pytest.mark.slow] * (m in SLOW_MODELS)) for m in options("model")]
 # The small CNN (no batch norm, global average pooling of 2×2 maps) cannot overturn the old
 # classes' logits in 26 class-incremental steps on the 8×8 synthetic images (R[i][i] stays at

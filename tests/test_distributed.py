@@ -154,7 +154,7 @@ def assert_ranks_agree(trace: Path, experiences: int) -> None:
 
 EQUIVALENCE = {
     "replay": (),  # the issue's "done when" command
-    "der": (),
+    "der": pytest.mark.slow,
     "ewc": pytest.mark.slow,
     "icarl": pytest.mark.slow,
     "naive": pytest.mark.slow,
@@ -195,6 +195,7 @@ def test_two_processes_equal_one(strategy, run_debug, tmp_path):
     assert log.count("completed: 5 experiences") == 1  # rank 0 alone writes the log
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_both_at_one_step_and_resumes(run_debug, tmp_path):
     """SIGTERM to rank 1 only: both processes checkpoint after the same step, the run says
     interrupted; the same command resumes it with two processes, and a copy of the interrupted

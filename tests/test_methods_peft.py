@@ -209,6 +209,7 @@ def test_aper_runs_with_every_adapter(run_debug, kind):
     assert summary["status"] == "completed" and summary["final_avg_acc"] > 0.4
 
 
+@pytest.mark.slow
 def test_aper_finetune_resumes_bit_identical_after_sigkill(run_debug, tmp_path):
     from test_resume import _kill_anywhere_then_resume
 
@@ -259,6 +260,7 @@ def test_ranpac_phase1_trains_its_module_on_the_first_experience_only(kind):
     torch.testing.assert_close(ranpac.G, h.T @ h, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ranpac_phase1_runs_resumes_and_refuses_an_untrained_adapter(run_debug, tmp_path):
     from test_resume import _kill_anywhere_then_resume
 
