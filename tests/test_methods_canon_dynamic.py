@@ -191,6 +191,66 @@ def test_memo_train_generalized_keeps_training_the_shared_blocks(tmp_path):
     assert any(not torch.equal(shared[0][k], shared[4][k]) for k in shared[0])
 
 
+def test_memo_incremental_step_is_the_authors(tmp_path):
+    """One MEMO step at the second experience against the authors' models/memo.py
+    (``_update_representation``, ``set_network``, ``AdaptiveNet.weight_align``): gradient to the
+    newest specialised blocks and both classifiers only; the generalised and old specialised
+    blocks in eval mode (BatchNorm statistics kept), the newest in train mode; the loss
+    CE(all seen classes) + α·CE(aux, ``where(y - known + 1 > 0, y - known + 1, 0)``); then the
+    new rows scaled by mean ‖old row‖ / mean ‖new row‖, old rows and every bias unchanged."""
+    state, buffer = build_state("strategy=memo", *MEMO_MODEL)
+    memo = MEMO(buffer, aux_weight=0.5)
+    model, stream = state.model, state.benchmark.train_stream
+    for i in range(2):
+        state.experience = i
+        data = memo.train_data(state, stream[i])
+        memo.pre_update(state, stream[i])
+        adapt_model(model, data)
+        if i == 0:
+            memo.post_update(state, stream[i])
+    backbone, head = model.backbone, model.head
+    known = len(stream[0].classes)
+    assert head.aux.in_features == backbone.branch_features == 32  # the newest block set only
+    model.train()
+    assert not backbone.shared.training and not backbone.branches[0].training
+    assert backbone.branches[1].training
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    n = len(data)  # the experience's samples, then the exemplars
+    batch = data.subset(torch.cat([torch.arange(12), torch.arange(n - 12, n)]))
+    old = torch.isin(batch.y, torch.tensor(stream[0].classes))
+    assert old.any() and not old.all()  # new samples and exemplars
+    x = state.model_input(batch.x, batch.e, train=True)
+    out = model(x, batch.t)
+    aux = head.aux_logits
+    # the authors' labels are positions in the order of appearance (head.classes' order)
+    position = {c: j for j, c in enumerate(head.classes.tolist())}
+    y = torch.tensor([position[c] for c in batch.y.tolist()])
+    target = torch.where(y - known + 1 > 0, y - known + 1, 0)
+    want = F.cross_entropy(out[:, head.classes], y) + 0.5 * F.cross_entropy(aux, target)
+    loss = memo.loss(state, batch, x, out)
+    assert torch.allclose(loss, want)
+    loss.backward()
+    with_grad = {
+        n.split(".")[0] + "." + n.split(".")[1]
+        for n, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    assert with_grad == {"backbone.branches", "head.fc", "head.aux"}
+    assert all(p.grad is None for p in backbone.branches[0].parameters())
+    after = model.state_dict()
+    for k, v in stats.items():
+        frozen = k.startswith(("backbone.shared.", "backbone.branches.0."))
+        assert torch.equal(after[k], v) == frozen, k
+    # weight aligning after the experience: the authors' AdaptiveNet.weight_align by hand
+    w, b = head.fc.weight.detach().clone(), head.fc.bias.detach().clone()
+    n_new = len(head.classes) - known
+    gamma = w[:known].norm(dim=1).mean() / w[known:].norm(dim=1).mean()
+    memo.post_update(state, stream[1])
+    assert torch.equal(head.fc.weight[:known], w[:known])
+    assert torch.allclose(head.fc.weight[known:], w[known:] * gamma)
+    assert torch.equal(head.fc.bias, b) and n_new == 2
+
+
 def test_memo_refuses_a_model_without_a_split_in_one_line(run_debug):
     with pytest.raises(ConfigError, match="MEMO splits the backbone") as err:
         run_debug("strategy=memo")  # the debug MLP

@@ -27,7 +27,17 @@ updated). What differs:
   re-training stage (``correction: retrain`` runs Dynamic DER's).
 
 The grown classifier keeps the old weights in place (``reuse_old_classifier: true``: the
-authors' ``AdaptiveNet.update_fc`` copies them). Defaults: λ_a = 1 (``alpha_aux`` of PyCIL's exps/memo.json). Class-incremental only.
+authors' ``AdaptiveNet.update_fc`` copies them). Defaults: λ_a = 1 (``alpha_aux`` of PyCIL's
+exps/memo.json). Class-incremental only.
+
+The training regime matters (measured on Split MNIST, conf/strategy/README.md): weight aligning
+removes a bias towards the new classes that lies in the norms of their weight rows, which is what
+the authors' schedule leaves (SGD, lr 0.1, momentum 0.9, weight decay 2e-4, 170 epochs per task:
+PyCIL's exps/memo.json). After a short run with Adam the new rows are smaller than the old ones
+(aligning scales them up), the bias lies in their direction, and every old experience ends at 0
+accuracy: Dynamic DER with ``correction: weight_align`` does the same, and a class-balanced
+re-trained classifier on the same features does not. Train MEMO with the authors' optimiser for
+several epochs, or use ``correction: retrain`` with ``reuse_old_classifier: false``.
 """
 
 from __future__ import annotations
