@@ -94,6 +94,21 @@ def make_cfg(*overrides: str) -> DictConfig:
     return compose_with_choices(*overrides)[0]
 
 
+def vit_state(*overrides: str):
+    """The run state of a debug run on the tiny ViT (TIMM_TINY, VIT_QUICK), built as the runner
+    builds it, with the model initialised from seed 0."""
+    import torch
+
+    from clrun.components import RunState
+    from clrun.config import build, build_model
+
+    cfg = make_cfg("debug=default", *TIMM_TINY, *VIT_QUICK, *overrides)
+    torch.manual_seed(0)
+    benchmark = build(cfg.benchmark, "benchmark")
+    model = build_model(cfg, benchmark, torch.device("cpu"))
+    return RunState(model, benchmark, torch.device("cpu"), batch_size=32)
+
+
 def compose_with_choices(*overrides: str) -> tuple[DictConfig, dict[str, str]]:
     """The composed config (without Hydra's own node) and the chosen option of each group."""
     with initialize_config_dir(str(CONF), version_base="1.3"):

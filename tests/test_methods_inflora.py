@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, strategy_args
-from test_methods_peft import grow, snapshot, tiny_state
+from conftest import make_cfg, strategy_args, vit_state
+from test_methods_peft import grow, snapshot
 
 from clrun.config import ConfigError, build, build_model
 from clrun.models import peft
@@ -95,7 +95,7 @@ def test_designed_down_is_orthogonal_to_the_stored_subspace_in_both_representati
 
 
 def test_lora_adds_its_update_to_k_and_v_only():
-    model = tiny_state().model.eval()
+    model = vit_state().model.eval()
     vit = model.backbone.net
     qkv = vit.blocks[0].attn.qkv
     x = torch.randn(2, 5, qkv.in_features)
@@ -116,7 +116,7 @@ def test_lora_adds_its_update_to_k_and_v_only():
 
 
 def test_input_covariance_is_the_sum_over_tokens_of_the_qkv_inputs():
-    model = tiny_state().model.eval()
+    model = vit_state().model.eval()
     vit = model.backbone.net
     x = torch.randn(3, 3, 16, 16)
     seen = []
@@ -131,7 +131,7 @@ def test_input_covariance_is_the_sum_over_tokens_of_the_qkv_inputs():
 
 
 def setup(*overrides: str):
-    state = tiny_state(*overrides)
+    state = vit_state(*overrides)
     return state, InfLoRA(rank=4)
 
 
@@ -241,7 +241,7 @@ def test_state_round_trips_and_restores_the_branches_on_a_fresh_model():
     other.load_state_dict(round_trip(method))
     assert other.retain == method.retain
     assert all(torch.equal(a, b) for a, b in zip(other.bases, method.bases, strict=True))
-    fresh = tiny_state().model  # no head units, no attachment: both come from the state dict
+    fresh = vit_state().model  # no head units, no attachment: both come from the state dict
     fresh.load_state_dict(state.model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(fresh.eval()(x, None), state.model.eval()(x, None))

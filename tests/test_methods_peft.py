@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TIMM_TINY, VIT_QUICK, make_cfg, strategy_args
+from conftest import TIMM_TINY, VIT_QUICK, make_cfg, strategy_args, vit_state
 
 from clrun.components import Components, RunState
 from clrun.config import ConfigError, build, build_model
@@ -21,15 +21,6 @@ from clrun.strategies.aper import ADAPTERS
 from clrun.strategies.ease import complement
 
 timm = pytest.importorskip("timm")
-
-
-def tiny_state(*overrides: str) -> RunState:
-    """The run state of a debug run on the tiny ViT (built as the runner builds it)."""
-    cfg = make_cfg("debug=default", *TIMM_TINY, *VIT_QUICK, *overrides)
-    torch.manual_seed(0)
-    benchmark = build(cfg.benchmark, "benchmark")
-    model = build_model(cfg, benchmark, torch.device("cpu"))
-    return RunState(model, benchmark, torch.device("cpu"), batch_size=32)
 
 
 def grow(state: RunState, exp) -> None:
@@ -78,7 +69,7 @@ def test_find_vit_refuses_other_models_in_one_line():
         peft.attach(model, "adapter")
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="unknown parameter-efficient kind 'no_such_kind'"):
-        peft.attach(tiny_state().model, "no_such_kind")
+        peft.attach(vit_state().model, "no_such_kind")
 
 
 # options that fit the two-block test ViT (the prompt kinds' default blocks go up to 4)
@@ -93,7 +84,7 @@ def test_attach_each_kind(kind):
     """The attachment is a registered submodule that changes the forward pass only while
     active; the ViT freezes (not for finetune); the state dict loads into a fresh model, a deep
     copy runs its own modules."""
-    state = tiny_state()
+    state = vit_state()
     model = state.model.eval()
     x = torch.randn(4, 3, 16, 16)
     before = model.backbone(x)
@@ -114,7 +105,7 @@ def test_attach_each_kind(kind):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    fresh = tiny_state().model.eval()
+    fresh = vit_state().model.eval()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(fresh.backbone(x), after)
     assert [p.requires_grad for p in fresh.parameters()] == [
@@ -128,7 +119,7 @@ def test_attach_each_kind(kind):
 
 
 def test_adapter_and_prompt_shapes_and_defaults():
-    model = tiny_state().model
+    model = vit_state().model
     d = model.backbone.feature_dim
     a = peft.attach(model, "adapter", "a")
     assert a.blocks[0].down.weight.shape == (64, d) and a.blocks[0].scale == 0.1
@@ -147,7 +138,7 @@ def test_adapter_and_prompt_shapes_and_defaults():
 
 @pytest.mark.parametrize("kind", ADAPTERS)
 def test_aper_adapts_on_the_first_experience_only_and_prototypes_are_class_means(kind):
-    state = tiny_state()
+    state = vit_state()
     stream = state.benchmark.train_stream
     pretrained = copy.deepcopy(state.model.backbone).eval()
     vit0 = snapshot(state.model, "backbone.net.")
@@ -224,7 +215,7 @@ def test_aper_finetune_resumes_bit_identical_after_sigkill(run_debug, tmp_path):
 def test_ranpac_phase1_trains_its_module_on_the_first_experience_only(kind):
     from clrun.strategies import RanPAC, TrainOnly
 
-    state = tiny_state()
+    state = vit_state()
     stream = state.benchmark.train_stream
     vit0 = snapshot(state.model, "backbone.net.")
     ranpac, only_first = RanPAC(M=50, adapter=kind, train_first=True), TrainOnly(True)
@@ -277,7 +268,7 @@ def test_ranpac_phase1_runs_resumes_and_refuses_an_untrained_adapter(run_debug, 
 
 
 def test_slca_backbone_lr_is_a_hundredth_of_the_head_s():
-    state = tiny_state()
+    state = vit_state()
     components = Components({"slca": SLCA()})
     make = components.optimizer_factory(functools.partial(torch.optim.SGD, lr=0.1), state.model)
     opt = make(state.model.parameters())
@@ -292,7 +283,7 @@ def test_slca_backbone_lr_is_a_hundredth_of_the_head_s():
 
 
 def test_slca_statistics_and_alignment_touch_only_the_head():
-    state = tiny_state()
+    state = vit_state()
     stream = state.benchmark.train_stream
     slca = SLCA(ca_epochs=2, ca_samples=16)
     for exp in stream[:2]:
@@ -330,7 +321,7 @@ def test_slca_logit_normalisation_by_hand():
 
 
 def test_ease_old_adapters_frozen_features_grow_and_prototypes():
-    state = tiny_state()
+    state = vit_state()
     stream = state.benchmark.train_stream
     vit0 = snapshot(state.model, "backbone.net.")
     d = state.model.backbone.feature_dim
@@ -390,7 +381,7 @@ def test_ease_complement_by_hand():
 
 def test_ease_predict_weights_by_hand():
     """Score of class c = cos in its own subspace + alpha / k · cos in the others."""
-    state = tiny_state()
+    state = vit_state()
     ease = EASE(alpha=0.3)
     for exp in state.benchmark.train_stream[:2]:
         ease.train_data(state, exp)

@@ -7,23 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import TIMM_TINY, VIT_QUICK, make_cfg
+from conftest import TIMM_TINY, vit_state
 
-from clrun.components import RunState
-from clrun.config import ConfigError, build, build_model
+from clrun.config import ConfigError
 from clrun.models import peft
 from clrun.models.prompts import gram_schmidt, prefix_attention, top_n
 from clrun.strategies import L2P, CODAPrompt, DualPrompt
 
 timm = pytest.importorskip("timm")
-
-
-def tiny_state(*overrides: str) -> RunState:
-    cfg = make_cfg("debug=default", *TIMM_TINY, *VIT_QUICK, *overrides)
-    torch.manual_seed(0)
-    benchmark = build(cfg.benchmark, "benchmark")
-    model = build_model(cfg, benchmark, torch.device("cpu"))
-    return RunState(model, benchmark, torch.device("cpu"), batch_size=32)
 
 
 def padded(rows: list[list[float]], d: int) -> torch.Tensor:
@@ -44,7 +35,7 @@ def test_top_n_per_sample_and_batchwise_by_hand():
 
 
 def test_l2p_selects_top_n_keys_and_surrogate_loss_by_hand():
-    state = tiny_state()
+    state = vit_state()
     a = peft.attach(state.model, "l2p", pool=4, length=3, top_n=2, batchwise=False)
     d = state.model.backbone.net.embed_dim
     with torch.no_grad():
@@ -73,7 +64,7 @@ def test_l2p_selects_top_n_keys_and_surrogate_loss_by_hand():
 
 
 def test_l2p_forward_prepends_prompts_and_reads_their_mean():
-    state = tiny_state()
+    state = vit_state()
     model, vit = state.model, state.model.backbone.net
     a = peft.attach(model, "l2p", pool=4, length=3, top_n=2)
     model.eval()
@@ -109,7 +100,7 @@ def block_outputs(vit, x):
 
 
 def test_dualprompt_prefixes_change_only_the_chosen_blocks():
-    state = tiny_state("model.create_args.depth=6")
+    state = vit_state("model.create_args.depth=6")
     model, vit = state.model, state.model.backbone.net
     x = torch.randn(4, 3, 16, 16)
     model.eval()
@@ -126,7 +117,7 @@ def test_dualprompt_prefixes_change_only_the_chosen_blocks():
 
 
 def test_dualprompt_trains_the_experience_e_prompt_and_matches_keys_at_evaluation():
-    state = tiny_state()
+    state = vit_state()
     model = state.model
     a = peft.attach(model, "dualprompt", pool=3, g_layers=[0], e_layers=[1])
     a.start(1)
@@ -162,7 +153,7 @@ def test_gram_schmidt_new_rows_are_orthonormal_to_the_earlier():
 
 
 def test_coda_past_components_get_no_gradient_and_stay_bit_identical():
-    state = tiny_state()
+    state = vit_state()
     model, x = state.model, torch.randn(8, 3, 16, 16)
     a = peft.attach(model, "coda_prompt", tasks=3, pool=6, length=4, layers=[0, 1])
     a.start(0)
@@ -197,7 +188,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_training_keeps_the_vit_bit_identical_and_trains_prompts_and_head(method):
-    state = tiny_state()
+    state = vit_state()
     component = METHODS[method]()
     from clrun.models import adapt_model
 
@@ -246,7 +237,7 @@ def test_dualprompt_needs_an_e_prompt_per_experience(run_debug):
 
 
 def test_prefix_attention_is_timm_attention_over_prefixed_keys_and_values():
-    state = tiny_state()
+    state = vit_state()
     attn = state.model.backbone.net.blocks[0].attn.eval()
     x = torch.randn(3, 7, attn.qkv.in_features)
     empty = x[:, :0]

@@ -40,10 +40,10 @@ source repo": the first line of PyCIL's models/der.py), so there is no option fo
 
 The retraining settings (50 epochs, lr 0.05 decayed × 0.1 at epochs 15 and 30, weight decay 5e-4,
 temperature 5, the classifier reset first, a class-balanced subset of new data + memory, then the
-memory update) are the authors' code's ``decouple`` stage; their own repository
-(Rhyssiyan/DER-ClassIL.pytorch) is not readable here: read in a fork of it
-(FarmerJohnLYH/DER-CIL-pytorch-Reproduction: configs/B0S10.yaml; inclearn/models/incmodel.py
-resets the classifier and builds the "balanced_train" loader unless ``fullset``).
+memory update) are the authors' code's ``decouple`` stage (Rhyssiyan/DER-ClassIL.pytorch at dd4af61,
+codes/base/configs/1.yaml; the fork FarmerJohnLYH/DER-CIL-pytorch-Reproduction keeps them in
+configs/B0S10.yaml; inclearn/models/incmodel.py resets the classifier and builds the
+"balanced_train" loader unless ``fullset``).
 
 Class-incremental only (``benchmark.scenario=class``, not online); heads single or incremental
 (both become the expandable classifier). State: the classes seen before the
@@ -62,7 +62,7 @@ from clrun.checks import boolean, int_at_least, number_above, number_at_least, o
 from clrun.components import RunState
 from clrun.errors import ConfigError
 from clrun.models.expandable import ExpandedBackbone, expand
-from clrun.strategies.utils import class_balanced_subset, offer
+from clrun.strategies.utils import class_balanced_subset, offer, require_class_il
 
 CORRECTIONS = ("retrain", "weight_align", "none")
 
@@ -198,23 +198,7 @@ class DynamicDER:
     # ------------------------------------------------------------------ checks, state
 
     def check(self, state: RunState) -> None:
-        scenario = state.benchmark.scenario
-        if scenario != "class":
-            raise ConfigError(
-                f"{self.name} is class-incremental only: benchmark.scenario={scenario} is not "
-                "supported; use benchmark.scenario=class"
-            )
-        if getattr(state.benchmark, "train_origin", None) is not None:
-            raise ConfigError(
-                f"{self.name} grows the model once per experience: benchmark.online=true is not "
-                "supported"
-            )
-        head = state.model.head
-        if type(head).__name__ == "MultiHeadClassifier":
-            raise ConfigError(
-                f"{self.name} has one classifier over all classes: model.head=multi is not "
-                "supported; use model.head=single or incremental"
-            )
+        require_class_il(self.name, state, "grows the model once per experience")
 
     def state_dict(self) -> dict:
         return {"old_classes": list(self.old_classes)}

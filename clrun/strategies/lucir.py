@@ -62,6 +62,7 @@ from clrun.strategies.utils import (
     backbone_features,
     nearest_mean_logits,
     offer,
+    require_class_il,
     train_params,
 )
 
@@ -86,16 +87,8 @@ def margin_ranking(sims: Tensor, units: Tensor, n_old: int, k: int, margin: floa
 
 def check_exemplar_setting(state: RunState, buffer, what: str) -> None:
     """Class-incremental, offline, with a class-balanced buffer grouped by class."""
-    if state.benchmark.scenario != "class":
-        raise ConfigError(
-            f"{what} is class-incremental only: benchmark.scenario={state.benchmark.scenario} is "
-            "not supported; use benchmark.scenario=class"
-        )
-    if getattr(state.benchmark, "train_origin", None) is not None:
-        raise ConfigError(
-            f"{what} selects exemplars from all the data of an experience at its end: "
-            "benchmark.online=true is not supported"
-        )
+    why_offline = "selects exemplars from all the data of an experience at its end"
+    require_class_il(what, state, why_offline, one_head=False)
     if not isinstance(buffer, ClassBalancedBuffer) or buffer.groupby != "class":
         kind = type(buffer).__name__ if buffer is not None else "none"
         raise ConfigError(
