@@ -609,6 +609,14 @@ def bare(name: str, s: Settings, result: Path) -> None:
             raise FloatingPointError(f"non-finite loss in experience {len(R)}")
         train_s += time.perf_counter() - t0
         R.append(evaluate())
+    _write_bare_result(result, R, baseline, train_s, samples, device)
+
+
+def _write_bare_result(result: Path, R, baseline, train_s: float, samples: int, device) -> None:
+    """The bare loop's numbers, in the fields the clrun side's summary gives."""
+    import torch
+
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     result.write_text(
         json.dumps(
             {
@@ -617,9 +625,7 @@ def bare(name: str, s: Settings, result: Path) -> None:
                 "R": [baseline, *R],
                 "samples_per_s": samples / train_s,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20
-                if device.type == "cuda"
-                else 0.0,
+                "peak_gpu_mb": peak_gpu,
             }
         )
     )
@@ -661,18 +667,7 @@ def _bare_simplecil(model, train, test, prep, baseline, result: Path) -> None:
             scores = (F.normalize(f_t, dim=1) @ protos.T).masked_fill(~(counts > 0), -1e9)
             row.append((scores.argmax(1) == yt).float().mean().item())
         R.append(row)
-    result.write_text(
-        json.dumps(
-            {
-                "train_s": train_s,
-                "acc": sum(R[-1]) / len(R[-1]),
-                "R": [baseline, *R],
-                "samples_per_s": samples / train_s,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "peak_gpu_mb": 0.0,
-            }
-        )
-    )
+    _write_bare_result(result, R, baseline, train_s, samples, sums.device)
 
 
 def _reduced_resnet18(nf: int = 20, n_classes: int = 10):
